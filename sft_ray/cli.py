@@ -1,0 +1,130 @@
+"""``sft-ray train | eval | generate``: one typed config (YAML + key=value overrides) per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from sft_ray.config import ConfigError, dump_config, load_config
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_train(args) -> int:
+    from sft_ray.train import run, say
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before Ray starts, on any bad key
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_dir, "config.yaml").write_text(dump_config(cfg))
+    t0 = time.time()
+    summary = run(cfg)
+    m = summary["metrics"]
+    say(f"trained {summary['plan']['max_steps']} steps in {summary['train_seconds']}s "
+        f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); "
+        f"model at {summary['model_dir']}")
+    if cfg.eval.enabled:
+        summary["eval"] = _evaluate(cfg, summary["model_dir"])
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    Path(cfg.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    say(f"done in {summary['total_seconds']}s; summary in {Path(cfg.output_dir, 'train_summary.json')}")
+    return 0
+
+
+def _evaluate(cfg, model_dir: str) -> dict:
+    from sft_ray import evaluate
+    from sft_ray.modeling import resolve_model_path
+    from sft_ray.train import init_ray, resolve_data, say
+
+    init_ray(cfg)
+    _, eval_specs = resolve_data(cfg)
+    say("evaluating the base and the tuned model on the same prompts ...")
+    res = evaluate.compare(resolve_model_path(cfg.model.name), model_dir, eval_specs, cfg,
+                           Path(cfg.output_dir, "eval"))
+    sys.stdout.write(evaluate.render_console(res) + "\n")
+    say(f"report: {Path(cfg.output_dir, 'eval', 'report.md')}")
+    return res["scores"]
+
+
+def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    model_dir = args.model or str(Path(cfg.output_dir, "model"))
+    if not Path(model_dir, "config.json").is_file():
+        raise SystemExit(f"no trained model at {model_dir} (run `sft-ray train` first or pass --model)")
+    _evaluate(cfg, model_dir)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_ray.modeling import ensure_chat_template, resolve_model_path
+
+    path = resolve_model_path(args.model_dir)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    ensure_chat_template(tok)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=args.trust_remote_code).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sft-ray", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fine-tune, export, and compare before/after")
+    t.add_argument("config", help="YAML config (e.g. jobs/configs/local-cpu.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=20")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="compare the base model and a trained model")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--model", help="trained model folder (default: {output_dir}/model)")
+    e.set_defaults(fn=cmd_eval)
+    g = sub.add_parser("generate", help="greedy answer from a model folder ('embedded' = the default model)")
+    g.add_argument("model_dir")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        sys.stderr.write(f"sft-ray: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

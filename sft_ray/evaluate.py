@@ -1,0 +1,245 @@
+"""Before/after evaluation: same prompts, same chat template, greedy decoding, measured scores.
+
+Generation runs through Ray Data ``map_batches`` with an actor pool (one model per actor), so a
+large eval set spreads over a cluster. Scores carry a bootstrap 95% interval, and the before/after
+difference an exact paired test (McNemar), so a real gain can be told from noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+from sft_ray.formats import RowError, to_example
+
+
+class Generator:
+    """Ray Data callable class: loads one model, answers batches of chat prompts greedily."""
+
+    def __init__(self, model_dir: str, max_new_tokens: int, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from sft_ray.modeling import ensure_chat_template
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        ensure_chat_template(self.tok)
+        self.tok.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
+        if len(self.tok) > self.model.get_input_embeddings().weight.shape[0]:  # ChatML tokens added to a base model
+            self.model.resize_token_embeddings(len(self.tok))
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import torch
+
+        prompts = [
+            self.tok.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True)
+            for m in batch["messages"]
+        ]
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                top_k=None, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+            )
+        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return {"i": list(batch["i"]), "answer": [t.strip() for t in texts]}
+
+
+def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+             actors: int = 1) -> list[str]:
+    """Greedy answers for each conversation (its last turn is answered), in input order."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not conversations:
+        return []
+    items = [{"i": i, "messages": json.dumps(c, ensure_ascii=False)} for i, c in enumerate(conversations)]
+    ds = ray.data.from_items(items).map_batches(
+        Generator,
+        fn_constructor_kwargs={"model_dir": model_dir, "max_new_tokens": max_new_tokens},
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=max(1, actors)),
+        num_cpus=1,
+    )
+    rows = sorted(ds.take_all(), key=lambda r: r["i"])
+    return [r["answer"] for r in rows]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def normalize(text: str) -> str:
+    text = text.lower().strip()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(pred.strip() == ref.strip())
+
+
+def normalized_match(pred: str, ref: str) -> float:
+    return float(normalize(pred) == normalize(ref))
+
+
+def json_match(pred: str, ref: str) -> float:
+    """Same JSON value (key order and spacing ignored); 0 if either side does not parse."""
+    try:
+        return float(json.loads(pred) == json.loads(ref))
+    except (json.JSONDecodeError, TypeError):
+        return 0.0
+
+
+def json_valid(pred: str) -> float:
+    try:
+        json.loads(pred)
+        return 1.0
+    except (json.JSONDecodeError, TypeError):
+        return 0.0
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    k = len(values)
+    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return (means[int(0.025 * n)], means[min(n - 1, int(0.975 * n))])
+
+
+def mcnemar_exact(before: list[float], after: list[float]) -> dict[str, Any]:
+    """Exact two-sided McNemar test on paired 0/1 outcomes."""
+    b = sum(1 for x, y in zip(before, after) if x >= 0.5 > y)  # right before, wrong after
+    c = sum(1 for x, y in zip(before, after) if y >= 0.5 > x)  # wrong before, right after
+    n = b + c
+    if n == 0:
+        return {"improved": c, "regressed": b, "p_value": 1.0}
+    tail = sum(math.comb(n, i) for i in range(0, min(b, c) + 1)) / 2**n
+    return {"improved": c, "regressed": b, "p_value": min(1.0, 2 * tail)}
+
+
+# ----------------------------------------------------------------------------- eval set
+
+
+def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int) -> list[tuple[list[dict], str]]:
+    """(prompt conversation, reference answer) for the first ``limit`` usable rows of the eval data."""
+    from sft_ray import sources
+
+    pairs = []
+    for spec in specs:
+        for path in sources.expand(spec):
+            for r in sources.iter_file(path):
+                if len(pairs) >= limit:
+                    return pairs
+                if r["error"]:
+                    continue
+                try:
+                    ex = to_example(json.loads(r["record"]), fmt, columns)
+                except (RowError, json.JSONDecodeError):
+                    continue
+                if ex.messages is None:
+                    continue
+                last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+                pairs.append((ex.messages[:last], ex.messages[last]["content"]))
+    return pairs
+
+
+def score(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
+    scores = {
+        "exact_match": [exact_match(p, r) for p, r in zip(preds, refs)],
+        "normalized_match": [normalized_match(p, r) for p, r in zip(preds, refs)],
+    }
+    if refs and all(json_valid(r) for r in refs):
+        scores["json_match"] = [json_match(p, r) for p, r in zip(preds, refs)]
+        scores["json_valid"] = [json_valid(p) for p in preds]
+    return scores
+
+
+def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: Path) -> dict[str, Any]:
+    """Evaluate base and tuned models on the same held-out prompts and probes; write the report."""
+    e = cfg.eval
+    pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples) if eval_specs else []
+    probes = [[{"role": "user", "content": q}] for q in e.probes]
+    results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir}}
+    answers: dict[str, dict[str, list[str]]] = {}
+    for tag, model_dir in (("before", base_dir), ("after", tuned_dir)):
+        task = generate(model_dir, [p for p, _ in pairs], e.max_new_tokens, e.batch_size)
+        probe = generate(model_dir, probes, e.probe_max_new_tokens, e.batch_size)
+        answers[tag] = {"task": task, "probes": probe}
+    refs = [r for _, r in pairs]
+    table = {}
+    per_row = {tag: score(answers[tag]["task"], refs) for tag in answers}
+    for metric in per_row["before"]:
+        b, a = per_row["before"][metric], per_row["after"][metric]
+        table[metric] = {
+            "before": sum(b) / len(b) if b else 0.0,
+            "after": sum(a) / len(a) if a else 0.0,
+            "before_ci95": bootstrap_ci(b),
+            "after_ci95": bootstrap_ci(a),
+            "before_correct": int(sum(b)),
+            "after_correct": int(sum(a)),
+            "paired_test": mcnemar_exact(b, a),
+        }
+    results["scores"] = table
+    results["probes"] = [
+        {"question": q, "before": answers["before"]["probes"][i], "after": answers["after"]["probes"][i]}
+        for i, q in enumerate(e.probes)
+    ]
+    results["examples"] = [
+        {"prompt": p[-1]["content"], "reference": r, "before": answers["before"]["task"][i],
+         "after": answers["after"]["task"][i]}
+        for i, (p, r) in enumerate(pairs[:8])
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    (out_dir / "report.md").write_text(render_markdown(results), encoding="utf-8")
+    return results
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    lines = ["# sft-ray: before / after", "", f"Held-out rows scored: {res['n_eval']}", ""]
+    if res["scores"]:
+        lines += ["| metric | before | after | before 95% CI | after 95% CI | improved | regressed | p (McNemar) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, s in res["scores"].items():
+            t = s["paired_test"]
+            lines.append(
+                f"| {m} | {s['before']:.3f} ({s['before_correct']}/{res['n_eval']}) | "
+                f"{s['after']:.3f} ({s['after_correct']}/{res['n_eval']}) | "
+                f"{s['before_ci95'][0]:.3f}–{s['before_ci95'][1]:.3f} | {s['after_ci95'][0]:.3f}–{s['after_ci95'][1]:.3f}"
+                f" | {t['improved']} | {t['regressed']} | {t['p_value']:.2g} |"
+            )
+    lines += ["", "## Probe questions", ""]
+    for p in res["probes"]:
+        lines += [f"### {p['question']}", "", f"**before:** {p['before']}", "", f"**after:** {p['after']}", ""]
+    if res.get("examples"):
+        lines += ["## Held-out examples", ""]
+        for ex in res["examples"]:
+            lines += [f"- prompt: `{ex['prompt']}`", f"  - reference: `{ex['reference']}`",
+                      f"  - before: `{ex['before']}`", f"  - after: `{ex['after']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def render_console(res: dict[str, Any]) -> str:
+    out = ["", "=" * 78, "BEFORE vs AFTER", "=" * 78]
+    for p in res["probes"]:
+        out += [f"Q: {p['question']}", f"  before: {p['before'][:300]}", f"  after:  {p['after'][:300]}", ""]
+    for ex in res.get("examples", [])[:4]:
+        out += [f"Task: {ex['prompt'][:200]}", f"  reference: {ex['reference']}", f"  before: {ex['before'][:200]}",
+                f"  after:  {ex['after'][:200]}", ""]
+    for m, s in res["scores"].items():
+        t = s["paired_test"]
+        out.append(f"{m}: before {s['before_correct']}/{res['n_eval']} ({s['before']:.1%})  ->  after "
+                   f"{s['after_correct']}/{res['n_eval']} ({s['after']:.1%})   McNemar p={t['p_value']:.2g}")
+    out.append("=" * 78)
+    return "\n".join(out)

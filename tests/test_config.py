@@ -1,0 +1,66 @@
+import pytest
+
+from sft_ray.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 1e-4\n  num_workers: 4\ndeepspeed:\n  zero_stage: 3\n")
+    cfg = load_config(p, ["train.max_steps=7", "data.train=[a.jsonl, b.parquet]", "deepspeed.offload_params=true",
+                          "train.use_gpu=false", "model.name=/models/x"])
+    assert cfg.train.learning_rate == pytest.approx(1e-4)  # YAML 1.1 would read '1e-4' as a string
+    assert cfg.train.num_workers == 4 and cfg.train.max_steps == 7
+    assert cfg.data.train == ["a.jsonl", "b.parquet"]
+    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.offload_params is True
+    assert cfg.train.use_gpu is False and cfg.model.name == "/models/x"
+    assert cfg.model.trust_remote_code is False
+
+
+def test_single_string_becomes_list():
+    assert load_config(None, ["data.train=x.jsonl"]).data.train == ["x.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lerning_rate=1", "train.lerning_rate: unknown key; allowed under train: name, max_steps"),
+        ("bogus=1", "bogus: unknown key; allowed under the top level: model, data, train"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ("train.max_steps=abc", "train.max_steps: Input should be a valid integer"),
+        ("train.num_workers=0", "train.num_workers: Input should be greater than 0"),
+        ("data.on_bad_rows=ignore", "data.on_bad_rows: Input should be 'error' or 'skip'"),
+        ("deepspeed.offload_params=true", "offload_params needs deepspeed.zero_stage=3"),
+        ("train.max_steps", "is not key=value"),
+    ],
+)
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train:\n  per_device_batch_size: big\n")
+    with pytest.raises(ConfigError, match=r"train\.per_device_batch_size"):
+        load_config(wrong)
+
+
+def test_shipped_configs_validate():
+    for path in ("jobs/configs/local-cpu.yaml", "jobs/configs/qwen3-0.6b-zero3.yaml"):
+        cfg = load_config(path)
+        assert cfg.train.num_workers >= 1
+    assert load_config("jobs/configs/qwen3-0.6b-zero3.yaml").deepspeed.zero_stage == 3
+
+
+def test_cli_rejects_bad_key_before_ray_starts(capsys):
+    from sft_ray.cli import main
+
+    assert main(["train", "jobs/configs/local-cpu.yaml", "train.nope=1"]) == 2
+    assert "train.nope: unknown key" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The Ray Data pipeline on local Ray: sources, counts, precise errors, skip mode with a rejects file."""
+
+import json
+
+import pytest
+
+from sft_ray.config import load_config
+from sft_ray.data import DataError, check, in_eval_split, tokenized, trainable, validate, write_rejects
+from sft_ray.template import IGNORE_INDEX
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _cfg(tiny_model_dir, *overrides):
+    return load_config(None, [f"model.name={tiny_model_dir}", *overrides])
+
+
+def _write_jsonl(path, lines):
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+    return path
+
+
+def test_counts_and_trainable_rows(tmp_path, tiny_model_dir, smol_tok):
+    f = _write_jsonl(tmp_path / "a.jsonl", [json.dumps(GOOD)] * 5 + [""])  # trailing blank line is not a row
+    cfg = _cfg(tiny_model_dir)
+    ds = tokenized([str(f)], cfg)
+    st = validate(ds, "train")
+    assert (st.rows, st.bad) == (5, 0)
+    rows = trainable(ds, "error").take_all()
+    assert len(rows) == 5
+    r = rows[0]
+    trained = [t for t, lab in zip(r["input_ids"], r["labels"]) if lab != IGNORE_INDEX]
+    assert smol_tok.decode(trained) == "hello<|im_end|>"
+    assert st.tokens == 5 * len(r["input_ids"]) and st.trained_tokens == 5 * len(trained)
+
+
+def test_bad_rows_stop_the_run_naming_file_and_line(tmp_path, tiny_model_dir):
+    f = _write_jsonl(tmp_path / "bad.jsonl", [
+        json.dumps(GOOD),
+        '{"messages": [oops',
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+        b'{"text": "caf\xe9"}',
+        json.dumps({"foo": 1}),
+        json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        json.dumps(GOOD),
+    ])
+    st = validate(tokenized([str(f)], _cfg(tiny_model_dir)), "train")
+    assert (st.rows, st.bad) == (2, 5)
+    with pytest.raises(DataError) as e:
+        check(st, "train", "error")
+    msg = str(e.value)
+    for line, reason in [(2, "JSON does not parse"), (3, "no assistant turn"), (4, "not UTF-8"),
+                         (5, "matches no known format"), (6, "unknown role 'robot'")]:
+        assert f"bad.jsonl line {line}: {reason}" in msg
+    assert "data.on_bad_rows=skip" in msg
+
+
+def test_skip_mode_counts_and_writes_rejects(tmp_path, tiny_model_dir):
+    f = _write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(GOOD), "not json", json.dumps(GOOD)])
+    cfg = _cfg(tiny_model_dir, "data.on_bad_rows=skip")
+    ds = tokenized([str(f)], cfg)
+    st = validate(ds, "train")
+    check(st, "train", "skip")  # does not raise
+    assert (st.rows, st.bad) == (2, 1)
+    write_rejects(ds, tmp_path / "rejects")
+    rejects = [json.loads(line) for p in (tmp_path / "rejects").glob("*.json") for line in p.read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["row"] == 2 and "JSON does not parse" in rejects[0]["error"]
+    assert rejects[0]["record"] == "not json"
+    assert len(trainable(ds, "skip").take_all()) == 2
+    with pytest.raises(Exception, match="mixed.jsonl line 2"):
+        trainable(ds, "error").take_all()
+
+
+def test_empty_dataset_is_an_error(tmp_path, tiny_model_dir):
+    f = _write_jsonl(tmp_path / "empty.jsonl", [""])
+    st = validate(tokenized([str(f)], _cfg(tiny_model_dir)), "train")
+    with pytest.raises(DataError, match="no usable rows"):
+        check(st, "train", "error")
+
+
+def test_parquet_csv_dirs_globs_and_file_uri(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]), d / "a.parquet")
+    (d / "b.csv").write_text("instruction,input,output\nSay,x,y\nName,,z\n")
+    _write_jsonl(d / "c.jsonl", [json.dumps(GOOD)])
+    cfg = _cfg(tiny_model_dir)
+    assert validate(tokenized([str(d)], cfg), "t").rows == 7
+    assert validate(tokenized([str(d / "*.parquet")], cfg), "t").rows == 4
+    assert validate(tokenized([f"file://{d}/b.csv"], cfg), "t").rows == 2
+    with pytest.raises(Exception, match="no such file"):
+        tokenized([str(tmp_path / "nope.jsonl")], cfg)
+
+
+def test_length_limits_are_counted(tmp_path, tiny_model_dir):
+    long = {"messages": [{"role": "user", "content": "w " * 100}, {"role": "assistant", "content": "a " * 100}]}
+    f = _write_jsonl(tmp_path / "long.jsonl", [json.dumps(long), json.dumps(GOOD)])
+    st = validate(tokenized([str(f)], _cfg(tiny_model_dir, "data.max_length=128")), "t")
+    assert (st.rows, st.truncated, st.dropped_too_long) == (2, 1, 0)
+    st = validate(tokenized([str(f)], _cfg(tiny_model_dir, "data.max_length=128", "data.too_long=drop")), "t")
+    assert (st.rows, st.truncated, st.dropped_too_long) == (1, 0, 1)
+
+
+def test_eval_fraction_split_is_deterministic_and_disjoint():
+    keys = [("f.jsonl", i) for i in range(2000)]
+    ev = {k for k in keys if in_eval_split(*k, seed=1, fraction=0.1)}
+    assert ev == {k for k in keys if in_eval_split(*k, seed=1, fraction=0.1)}
+    assert 120 < len(ev) < 280
+    assert ev != {k for k in keys if in_eval_split(*k, seed=2, fraction=0.1)}

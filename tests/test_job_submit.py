@@ -1,0 +1,44 @@
+"""`ray job submit` of jobs/sft.py to a `ray start --head` cluster that this test starts and stops."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60 turns token auth on for `ray start`
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+    subprocess.run(
+        [RAY, "start", "--head", "--port=6391", "--dashboard-port=8291", "--dashboard-host=127.0.0.1",
+         "--num-cpus=3", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    yield env, "http://127.0.0.1:8291"
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submit_trains_and_exports(cluster, tmp_path, tiny_model_dir):
+    env, address = cluster
+    out = tmp_path / "run"
+    cmd = [
+        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        "python", "jobs/sft.py", "--config", "jobs/configs/local-cpu.yaml",
+        f"model.name={tiny_model_dir}", f"output_dir={out}", "data.generated_train_rows=32",
+        "data.generated_eval_rows=8", "train.per_device_batch_size=4", "train.save_steps=2", "eval.enabled=false",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log, log[-4000:]
+    assert "plan: 4 optimizer steps" in log
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "train_summary.json").is_file()

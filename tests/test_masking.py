@@ -1,0 +1,167 @@
+"""The loss mask, checked by decoding: trained tokens == each assistant turn + its end-of-turn token."""
+
+import copy
+
+import pytest
+
+from sft_ray.formats import RowError, to_example
+from sft_ray.template import IGNORE_INDEX, TooLong, tokenize_example, trained_text
+
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+QWEN3 = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if loop.last and message.reasoning_content %}{{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}"
+    "{%- endif %}{{- message.content + '<|im_end|>\n' }}{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+CONV = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hi in Chinese."},
+        {"role": "assistant", "content": "你好！😀"},
+        {"role": "user", "content": "And 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+}
+
+
+def _tok(base, template, eot, extra=()):
+    tok = copy.deepcopy(base)
+    tok.add_special_tokens({"additional_special_tokens": [eot, *extra]})
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def styles(smol_tok):
+    return {
+        "chatml": (smol_tok, "<|im_end|>"),
+        "llama3": (_tok(smol_tok, LLAMA3, "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"]), "<|eot_id|>"),
+        "mistral": (_tok(smol_tok, MISTRAL, "</s>"), "</s>"),
+    }
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3", "mistral"])
+def test_every_assistant_turn_and_only_those(styles, style):
+    tok, eot = styles[style]
+    if style == "mistral":
+        tok.eos_token = "</s>"
+    out = tokenize_example(to_example(CONV), tok, max_length=512)
+    assert trained_text(tok, out["input_ids"], out["labels"]) == ["你好！😀" + eot, "It is 4." + eot]
+    assert out["n_trained"] == sum(1 for x in out["labels"] if x != IGNORE_INDEX)
+    assert len(out["input_ids"]) == len(out["labels"]) == out["n_tokens"]
+
+
+def test_last_assistant_only_and_all(smol_tok):
+    last = tokenize_example(to_example(CONV), smol_tok, 512, loss_on="last_assistant")
+    assert trained_text(smol_tok, last["input_ids"], last["labels"]) == ["It is 4.<|im_end|>"]
+    everything = tokenize_example(to_example(CONV), smol_tok, 512, loss_on="all")
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_qwen3_thinking(smol_tok):
+    tok = _tok(smol_tok, QWEN3, "<|im_end|>", ["<think>", "</think>"])
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4", "reasoning_content": "two plus two"}]}
+    out = tokenize_example(to_example(row), tok, 512)
+    assert trained_text(tok, out["input_ids"], out["labels"]) == ["<think>\ntwo plus two\n</think>\n\n4<|im_end|>"]
+    # enable_thinking=false: the generation prompt carries an empty think block the turn does not have
+    plain = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    out = tokenize_example(to_example(plain), tok, 512, template_kwargs={"enable_thinking": False})
+    assert trained_text(tok, out["input_ids"], out["labels"]) == ["4<|im_end|>"]
+    # a template that drops earlier reasoning cannot be masked turn by turn: say so instead of guessing
+    multi = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "r"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    with pytest.raises(RowError, match="loss_on=last_assistant"):
+        tokenize_example(to_example(multi), tok, 512)
+    out = tokenize_example(to_example(multi), tok, 512, loss_on="last_assistant")
+    assert trained_text(tok, out["input_ids"], out["labels"]) == ["d<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"prompt": "What is 3*3?", "completion": "9"}, ["9<|im_end|>"]),
+        ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "earlier"},
+                     {"role": "user", "content": "again"}],
+          "completion": [{"role": "assistant", "content": "done"}]}, ["done<|im_end|>"]),
+        ({"instruction": "Translate", "input": "chat", "output": "cat", "system": "sys"}, ["cat<|im_end|>"]),
+        ({"instruction": "Name a colour", "input": "", "output": "blue"}, ["blue<|im_end|>"]),
+        ({"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                            {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]},
+         ["a1<|im_end|>", "a2<|im_end|>"]),
+    ],
+)
+def test_formats_train_on_the_completion(smol_tok, row, expected):
+    out = tokenize_example(to_example(row), smol_tok, 512)
+    assert trained_text(smol_tok, out["input_ids"], out["labels"]) == expected
+
+
+def test_alpaca_prompt_layout(smol_tok):
+    ex = to_example({"instruction": "Translate", "input": "chat", "output": "cat"})
+    assert ex.messages[0] == {"role": "user", "content": "Translate\n\nchat"}
+
+
+def test_text_trains_every_token(smol_tok):
+    out = tokenize_example(to_example({"text": "Domain text 東京."}), smol_tok, 512)
+    assert out["labels"] == out["input_ids"] and out["input_ids"][-1] == smol_tok.eos_token_id
+
+
+def test_too_long_truncate_or_drop(smol_tok):
+    long = {"messages": [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y " * 200}]}
+    out = tokenize_example(to_example(long), smol_tok, 64, too_long="truncate")
+    assert out["truncated"] and len(out["input_ids"]) == 64 and out["n_trained"] > 0
+    with pytest.raises(TooLong):
+        tokenize_example(to_example(long), smol_tok, 64, too_long="drop")
+    # truncation that leaves nothing to train is a drop, not a silent empty row
+    with pytest.raises(TooLong, match="no trained tokens"):
+        tokenize_example(to_example(long), smol_tok, 40, too_long="truncate")
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'wizard'"),
+        ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "content (user) is empty"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string, got int"),
+        ({"messages": []}, "non-empty list"),
+        ({"question": "q", "answer": "a"}, "matches no known format"),
+        ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker 'alien'"),
+        ({"prompt": "p", "completion": ""}, "completion is empty"),
+        ({"instruction": "i", "output": None}, "output must be a string"),
+    ],
+)
+def test_bad_rows_have_reasons(row, reason):
+    with pytest.raises(RowError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        to_example(row)
+
+
+def test_column_mapping(smol_tok):
+    ex = to_example({"question": "q?", "answer": "a!"}, columns={"question": "prompt", "answer": "completion"})
+    out = tokenize_example(ex, smol_tok, 512)
+    assert trained_text(smol_tok, out["input_ids"], out["labels"]) == ["a!<|im_end|>"]
+
+
+def test_chatml_added_when_model_has_no_template(smol_tok):
+    from sft_ray.modeling import CHATML_TEMPLATE, ensure_chat_template
+
+    tok = copy.deepcopy(smol_tok)
+    tok.chat_template = None
+    ensure_chat_template(tok)
+    assert tok.chat_template == CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
+    out = tokenize_example(to_example(CONV), tok, 512)
+    assert trained_text(tok, out["input_ids"], out["labels"]) == ["你好！😀<|im_end|>", "It is 4.<|im_end|>"]
