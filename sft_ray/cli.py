@@ -119,11 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
+    from sft_ray.data import DataError
+    from sft_ray.modeling import ModelError
+    from sft_ray.sources import SourceError
+
     try:
         return args.fn(args)
     except ConfigError as e:
         sys.stderr.write(f"sft-ray: {e}\n")
         return 2
+    except (DataError, SourceError, ModelError) as e:  # the user's data or model, not a bug: no traceback
+        sys.stderr.write(f"sft-ray: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":

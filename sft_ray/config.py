@@ -117,6 +117,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, gt=0)
     probe_max_new_tokens: int = Field(80, gt=0)
     batch_size: int = Field(16, gt=0)
+    actors: int = Field(2, gt=0, description="generation actors (one model each); GPUs are used when present")
 
 
 class Config(_Strict):

@@ -173,8 +173,8 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
     results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir}}
     answers: dict[str, dict[str, list[str]]] = {}
     for tag, model_dir in (("before", base_dir), ("after", tuned_dir)):
-        task = generate(model_dir, [p for p, _ in pairs], e.max_new_tokens, e.batch_size)
-        probe = generate(model_dir, probes, e.probe_max_new_tokens, e.batch_size)
+        task = generate(model_dir, [p for p, _ in pairs], e.max_new_tokens, e.batch_size, e.actors)
+        probe = generate(model_dir, probes, e.probe_max_new_tokens, e.batch_size, 1)
         answers[tag] = {"task": task, "probes": probe}
     refs = [r for _, r in pairs]
     table = {}

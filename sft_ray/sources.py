@@ -69,11 +69,13 @@ def expand(spec: str) -> list[str]:
     return [os.path.abspath(f) if "://" not in f else f for f in files]
 
 
-def _open(path: str):
+def _open(path: str, seekable: bool = False):
     if "://" in path:
         fs, p = pafs.FileSystem.from_uri(path)
     else:
         fs, p = pafs.LocalFileSystem(), path
+    if seekable:  # Parquet reads its footer first
+        return fs.open_input_file(p)
     compression = "gzip" if path.endswith(".gz") else None
     return fs.open_input_stream(p, compression=compression)
 
@@ -112,7 +114,7 @@ def iter_file(path: str) -> Iterator[dict[str, Any]]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        with _open(path) as f:
+        with _open(path, seekable=True) as f:
             pf = pq.ParquetFile(f)
             n = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS):

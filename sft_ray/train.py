@@ -76,6 +76,10 @@ def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: i
     return _Stream()
 
 
+def _sample_rows(token: int):
+    yield {"input_ids": [token, token], "labels": [token, token]}
+
+
 def _make_trainer_class():
     import torch
     from trl import SFTTrainer
@@ -99,7 +103,7 @@ def _make_trainer_class():
     return RayDataSFTTrainer
 
 
-def _callbacks(rank: int, world: int, max_steps: int, counter: dict):
+def _callbacks(rank: int, world: int, plan: Plan, counter: dict):
     import ray.train
     import torch
     import torch.distributed as dist
@@ -130,6 +134,8 @@ def _callbacks(rank: int, world: int, max_steps: int, counter: dict):
             if "loss" in logs:  # training-step logs: throughput over the window since the last one
                 logs["tokens_per_s"] = round((tokens - self.tok_last) / max(now - self.t_last, 1e-9), 2)
                 self.t_last, self.tok_last = now, tokens
+            if plan.steps_per_epoch:  # Trainer cannot know epochs of a stream; the plan does
+                logs["epoch"] = round(state.global_step / plan.steps_per_epoch, 3)
             logs.update(step=state.global_step, tokens=tokens, trained_tokens=trained,
                         avg_tokens_per_s=round((tokens - self.tok0) / max(now - self.t0, 1e-9), 2))
             self.latest.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
@@ -137,7 +143,7 @@ def _callbacks(rank: int, world: int, max_steps: int, counter: dict):
             if rank == 0:
                 shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
                                  if k in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch"))
-                say(f"step {state.global_step}/{max_steps} {shown}")
+                say(f"step {state.global_step}/{plan.max_steps} {shown}")
 
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir, f"checkpoint-{state.global_step}")
@@ -162,7 +168,14 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import ray.train
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
     from trl import SFTConfig
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # Ray Train's worker root logger is at INFO; dill (via datasets fingerprinting) would dump bytecode there
+    for noisy in ("dill", "datasets", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from sft_ray import deepspeed as ds_builder
     from sft_ray.modeling import choose_precision, load_model, load_tokenizer
@@ -175,6 +188,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     if rank == 0:
         say(f"worker: {'cuda' if on_gpu else 'cpu'}, precision {precision}, {world} workers, "
             f"torch threads {torch.get_num_threads()}, ZeRO {cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 'off'}")
+
+    if cfg.deepspeed.enabled:
+        import deepspeed
+
+        # Ray Train already set up torch.distributed; DeepSpeed's comm layer must adopt it *now*, or
+        # zero.Init inside from_pretrained (ZeRO-3) sees a world of 1 and rejects the batch config.
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
     local = Path(tempfile.mkdtemp(prefix=f"sft-ray-{cfg.train.name}-rank{rank}-"))
     checkpoint = ray.train.get_checkpoint()
@@ -237,7 +257,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                             plan.passes, cfg.data.shuffle_buffer, cfg.seed, counter)
     eval_stream = (_batches(ray.train.get_dataset_shard("eval"), t.per_device_batch_size, tok.pad_token_id, 1, 0,
                             cfg.seed, {"tokens": 0, "trained": 0}) if plan.has_eval else None)
-    report = _callbacks(rank, world, plan.max_steps, counter)
+    report = _callbacks(rank, world, plan, counter)
     trainer = _make_trainer_class()(
         model=model, args=args, processing_class=tok, train_dataset=sample,
         eval_dataset=sample if eval_stream is not None else None, callbacks=[report],

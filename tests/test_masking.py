@@ -121,14 +121,17 @@ def test_text_trains_every_token(smol_tok):
 
 
 def test_too_long_truncate_or_drop(smol_tok):
-    long = {"messages": [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y " * 200}]}
-    out = tokenize_example(to_example(long), smol_tok, 64, too_long="truncate")
-    assert out["truncated"] and len(out["input_ids"]) == 64 and out["n_trained"] > 0
+    long = {"messages": [{"role": "user", "content": "x " * 10}, {"role": "assistant", "content": "y " * 200}]}
+    prompt = smol_tok.apply_chat_template(long["messages"][:1], add_generation_prompt=True, tokenize=False)
+    prompt_len = len(smol_tok(prompt, add_special_tokens=False)["input_ids"])
+    limit = prompt_len + 8
+    out = tokenize_example(to_example(long), smol_tok, limit, too_long="truncate")
+    assert out["truncated"] and len(out["input_ids"]) == limit and out["n_trained"] == 8
     with pytest.raises(TooLong):
-        tokenize_example(to_example(long), smol_tok, 64, too_long="drop")
+        tokenize_example(to_example(long), smol_tok, limit, too_long="drop")
     # truncation that leaves nothing to train is a drop, not a silent empty row
     with pytest.raises(TooLong, match="no trained tokens"):
-        tokenize_example(to_example(long), smol_tok, 40, too_long="truncate")
+        tokenize_example(to_example(long), smol_tok, prompt_len, too_long="truncate")
 
 
 @pytest.mark.parametrize(

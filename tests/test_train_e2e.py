@@ -66,6 +66,17 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
     missing = set(expected) - set(saved) - {"lm_head.weight"}  # tied to the embeddings
     assert not missing
 
+    if stage == 2:  # the before/after report on the same run (its numbers are random for a tiny model)
+        from sft_ray.cli import _evaluate
+
+        cfg.eval.max_examples, cfg.eval.max_new_tokens, cfg.eval.probe_max_new_tokens = 6, 8, 8
+        scores = _evaluate(cfg, str(model_dir))
+        metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert metrics["n_eval"] == 6 and len(metrics["probes"]) == 3
+        assert set(scores) >= {"exact_match", "json_match"}
+        assert all(p["before"] is not None and p["after"] is not None for p in metrics["probes"])
+        assert "Calculate 1+1-1" in (tmp_path / "eval" / "report.md").read_text()
+
 
 def test_rerun_with_same_name_returns_finished_model(tmp_path, tiny_model_dir):
     cfg, first = _train(tmp_path, tiny_model_dir, 2, "data.generated_train_rows=32", "train.num_epochs=1")

