@@ -42,15 +42,50 @@ def cmd_train(args) -> int:
     say(f"trained {summary['plan']['max_steps']} steps in {summary['train_seconds']}s "
         f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); "
         f"model at {summary['model_dir']}")
+    summary["config"] = cfg.model_dump(mode="json")
     if cfg.eval.enabled:
-        summary["eval"] = _evaluate(cfg, summary["model_dir"])
+        summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)
     summary["total_seconds"] = round(time.time() - t0, 1)
     Path(cfg.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     say(f"done in {summary['total_seconds']}s; summary in {Path(cfg.output_dir, 'train_summary.json')}")
+    if cfg.serve.after_train:
+        return _serve_forever(summary["model_dir"], cfg)
     return 0
 
 
-def _evaluate(cfg, model_dir: str) -> dict:
+def _serve_forever(model_dir: str, cfg) -> int:
+    from ray import serve
+
+    from sft_ray import serve as sft_serve
+    from sft_ray.train import say
+
+    key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
+    if cfg.serve.api_key_env and not key:
+        raise ConfigError(f"serve.api_key_env={cfg.serve.api_key_env}, but that environment variable is empty")
+    url = sft_serve.start(model_dir, cfg, key)
+    say(f"serving {model_dir} at {url} ({'API key required' if key else 'no API key'}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
+        serve.shutdown()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"serve.host={args.host}")
+    if args.port:
+        overrides.append(f"serve.port={args.port}")
+    if args.api_key_env:
+        overrides.append(f"serve.api_key_env={args.api_key_env}")
+    cfg = load_config(args.config, overrides)
+    return _serve_forever(args.model_dir, cfg)
+
+
+def _evaluate(cfg, model_dir: str, summary: dict | None = None) -> dict:
     from sft_ray import evaluate
     from sft_ray.modeling import resolve_model_path
     from sft_ray.train import init_ray, resolve_data, say
@@ -59,9 +94,9 @@ def _evaluate(cfg, model_dir: str) -> dict:
     _, eval_specs = resolve_data(cfg)
     say("evaluating the base and the tuned model on the same prompts ...")
     res = evaluate.compare(resolve_model_path(cfg.model.name), model_dir, eval_specs, cfg,
-                           Path(cfg.output_dir, "eval"))
+                           Path(cfg.output_dir, "eval"), summary)
     sys.stdout.write(evaluate.render_console(res) + "\n")
-    say(f"report: {Path(cfg.output_dir, 'eval', 'report.md')}")
+    say(f"report: {Path(cfg.output_dir, 'eval', 'report.md')} (also report.html, loss.png, metrics.json)")
     return res["scores"]
 
 
@@ -70,7 +105,11 @@ def cmd_eval(args) -> int:
     model_dir = args.model or str(Path(cfg.output_dir, "model"))
     if not Path(model_dir, "config.json").is_file():
         raise SystemExit(f"no trained model at {model_dir} (run `sft-ray train` first or pass --model)")
-    _evaluate(cfg, model_dir)
+    summary_file = Path(cfg.output_dir, "train_summary.json")
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    if summary is not None:
+        summary.setdefault("config", cfg.model_dump(mode="json"))
+    _evaluate(cfg, model_dir, summary)
     return 0
 
 
@@ -107,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*")
     e.add_argument("--model", help="trained model folder (default: {output_dir}/model)")
     e.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a model folder on Ray Serve")
+    s.add_argument("model_dir", help="exported model folder (or 'embedded')")
+    s.add_argument("overrides", nargs="*", help="serve.* keys, e.g. serve.max_replicas=2")
+    s.add_argument("--config", help="YAML config (optional)")
+    s.add_argument("--host", help="default 127.0.0.1")
+    s.add_argument("--port", type=int, help="default 8000")
+    s.add_argument("--api-key-env", help="environment variable holding the API key clients must send")
+    s.set_defaults(fn=cmd_serve)
     g = sub.add_parser("generate", help="greedy answer from a model folder ('embedded' = the default model)")
     g.add_argument("model_dir")
     g.add_argument("prompt")

@@ -118,6 +118,35 @@ class EvalConfig(_Strict):
     probe_max_new_tokens: int = Field(80, gt=0)
     batch_size: int = Field(16, gt=0)
     actors: int = Field(2, gt=0, description="generation actors (one model each); GPUs are used when present")
+    scorers: list[str] = Field(default_factory=list, description="extra metrics: package.module:function(pred, ref)")
+    loss: bool = Field(True, description="eval loss and perplexity of both models on the eval split")
+    max_loss_rows: int = Field(2048, gt=0)
+
+
+class ServeConfig(_Strict):
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm: ray.serve.llm, GPU only")
+    host: str = Field("127.0.0.1", description="nothing listens beyond this machine unless you say so")
+    port: int = Field(8000, gt=0, lt=65536)
+    model_name: str | None = Field(None, description="the id clients send as `model`; default: the folder name")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key; unset = no auth")
+    max_tokens_limit: int = Field(512, gt=0)
+    default_max_tokens: int = Field(128, gt=0)
+    max_batch_size: int = Field(8, gt=0)
+    batch_wait_s: float = Field(0.02, ge=0)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    after_train: bool = Field(False, description="sft-ray train: serve the exported model when the run ends")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("serve.max_replicas must be >= serve.min_replicas")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("serve.default_max_tokens must be <= serve.max_tokens_limit")
+        return self
 
 
 class Config(_Strict):
@@ -126,6 +155,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     output_dir: str = "runs/local"
     seed: int = 42
     ray_address: str | None = Field(None, description="None: join RAY_ADDRESS/a running cluster, else start local Ray")

@@ -25,8 +25,11 @@ class Generator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
         from sft_ray.modeling import ensure_chat_template
 
+        hf_logging.disable_progress_bar()
         self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         ensure_chat_template(self.tok)
         self.tok.padding_side = "left"
@@ -74,6 +77,49 @@ def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: in
     return [r["answer"] for r in rows]
 
 
+class LossScorer:
+    """Ray Data callable class: summed NLL and token count on the trained tokens of a batch."""
+
+    def __init__(self, model_dir: str, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+        self.vocab = self.model.get_input_embeddings().weight.shape[0]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import torch
+
+        from sft_ray.data import pad_collate
+
+        b = pad_collate(batch, self.pad)
+        if int(b["input_ids"].max()) >= self.vocab:  # ChatML tokens the base model has no embedding for
+            self.model.resize_token_embeddings(int(b["input_ids"].max()) + 1)
+            self.vocab = int(b["input_ids"].max()) + 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
+            ignore_index=-100, reduction="sum")
+        return {"nll": [float(nll)], "n": [int((b["labels"][:, 1:] != -100).sum())]}
+
+
+def eval_loss(model_dir: str, ds, batch_size: int, actors: int) -> dict[str, float]:
+    """Token-weighted loss and perplexity of a model on the trained tokens of a tokenized dataset."""
+    from ray.data import ActorPoolStrategy
+
+    parts = ds.map_batches(LossScorer, fn_constructor_args=(model_dir,), batch_size=batch_size,
+                           compute=ActorPoolStrategy(size=max(1, actors)), num_cpus=1).take_all()
+    nll, n = sum(p["nll"] for p in parts), sum(p["n"] for p in parts)
+    loss = nll / max(n, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+
+
 # ----------------------------------------------------------------------------- scores
 
 
@@ -105,6 +151,64 @@ def json_valid(pred: str) -> float:
         return 1.0
     except (json.JSONDecodeError, TypeError):
         return 0.0
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style bag-of-tokens F1 on normalised text."""
+    p, r = _tokens(pred), _tokens(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum(min(p.count(t), r.count(t)) for t in set(p))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F-measure: longest common subsequence of normalised tokens."""
+    p, r = _tokens(pred), _tokens(ref)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r, 1):
+            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def load_scorer(path: str):
+    """``package.module:function`` taking (prediction, reference) and returning a float."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"eval.scorers entry {path!r} must look like package.module:function")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise ValueError(f"eval.scorers entry {path!r} is not callable")
+    return name, fn
+
+
+def permutation_test(before: list[float], after: list[float], n: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Paired two-sided sign-flip permutation test on the mean difference (for non-binary scores)."""
+    diffs = [a - b for a, b in zip(after, before)]
+    if not diffs or all(d == 0 for d in diffs):
+        return {"p_value": 1.0, "mean_diff": 0.0}
+    observed = abs(sum(diffs))
+    rng = random.Random(seed)
+    hits = sum(1 for _ in range(n) if abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12)
+    return {"p_value": (hits + 1) / (n + 1), "mean_diff": sum(diffs) / len(diffs)}
 
 
 def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -154,7 +258,9 @@ def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int) 
     return pairs
 
 
-def score(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
+def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) -> dict[str, list[float]]:
+    """Per-row scores, metrics chosen for the data: JSON metrics when every reference is JSON,
+    F1/ROUGE-L when references are free text (more than a few words), plus user scorers."""
     scores = {
         "exact_match": [exact_match(p, r) for p, r in zip(preds, refs)],
         "normalized_match": [normalized_match(p, r) for p, r in zip(preds, refs)],
@@ -162,11 +268,20 @@ def score(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
     if refs and all(json_valid(r) for r in refs):
         scores["json_match"] = [json_match(p, r) for p, r in zip(preds, refs)]
         scores["json_valid"] = [json_valid(p) for p in preds]
+    elif refs and sum(len(r.split()) for r in refs) / len(refs) > 3:
+        scores["token_f1"] = [token_f1(p, r) for p, r in zip(preds, refs)]
+        scores["rouge_l"] = [rouge_l(p, r) for p, r in zip(preds, refs)]
+    for path in scorers:
+        name, fn = load_scorer(path)
+        scores[name] = [float(fn(p, r)) for p, r in zip(preds, refs)]
     return scores
 
 
-def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: Path) -> dict[str, Any]:
+def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: Path,
+            summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate base and tuned models on the same held-out prompts and probes; write the report."""
+    from sft_ray import report
+
     e = cfg.eval
     pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples) if eval_specs else []
     probes = [[{"role": "user", "content": q}] for q in e.probes]
@@ -177,20 +292,30 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
         probe = generate(model_dir, probes, e.probe_max_new_tokens, e.batch_size, 1)
         answers[tag] = {"task": task, "probes": probe}
     refs = [r for _, r in pairs]
+    per_row = {tag: score(answers[tag]["task"], refs, e.scorers) for tag in answers}
     table = {}
-    per_row = {tag: score(answers[tag]["task"], refs) for tag in answers}
     for metric in per_row["before"]:
         b, a = per_row["before"][metric], per_row["after"][metric]
+        binary = all(v in (0.0, 1.0) for v in b + a)
+        test = {**mcnemar_exact(b, a), "test": "McNemar exact"} if binary else {**permutation_test(b, a), "test": "permutation"}
         table[metric] = {
             "before": sum(b) / len(b) if b else 0.0,
             "after": sum(a) / len(a) if a else 0.0,
             "before_ci95": bootstrap_ci(b),
             "after_ci95": bootstrap_ci(a),
-            "before_correct": int(sum(b)),
-            "after_correct": int(sum(a)),
-            "paired_test": mcnemar_exact(b, a),
+            "before_correct": int(sum(b)) if binary else None,
+            "after_correct": int(sum(a)) if binary else None,
+            "binary": binary,
+            "paired_test": test,
         }
     results["scores"] = table
+    if e.loss and eval_specs:
+        from sft_ray import data
+
+        ds = data.trainable(data.tokenized(eval_specs, cfg), "skip").limit(e.max_loss_rows).materialize()
+        before, after = (eval_loss(d, ds, e.batch_size, e.actors) for d in (base_dir, tuned_dir))
+        results["loss"] = {"eval_loss": {"before": before["loss"], "after": after["loss"]},
+                           "perplexity": {"before": before["perplexity"], "after": after["perplexity"]}}
     results["probes"] = [
         {"question": q, "before": answers["before"]["probes"][i], "after": answers["after"]["probes"][i]}
         for i, q in enumerate(e.probes)
@@ -200,34 +325,10 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
          "after": answers["after"]["task"][i]}
         for i, (p, r) in enumerate(pairs[:8])
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    (out_dir / "report.md").write_text(render_markdown(results), encoding="utf-8")
+    history_file = Path(tuned_dir, "train_history.json")
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    report.write(out_dir, results, summary, history)
     return results
-
-
-def render_markdown(res: dict[str, Any]) -> str:
-    lines = ["# sft-ray: before / after", "", f"Held-out rows scored: {res['n_eval']}", ""]
-    if res["scores"]:
-        lines += ["| metric | before | after | before 95% CI | after 95% CI | improved | regressed | p (McNemar) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for m, s in res["scores"].items():
-            t = s["paired_test"]
-            lines.append(
-                f"| {m} | {s['before']:.3f} ({s['before_correct']}/{res['n_eval']}) | "
-                f"{s['after']:.3f} ({s['after_correct']}/{res['n_eval']}) | "
-                f"{s['before_ci95'][0]:.3f}–{s['before_ci95'][1]:.3f} | {s['after_ci95'][0]:.3f}–{s['after_ci95'][1]:.3f}"
-                f" | {t['improved']} | {t['regressed']} | {t['p_value']:.2g} |"
-            )
-    lines += ["", "## Probe questions", ""]
-    for p in res["probes"]:
-        lines += [f"### {p['question']}", "", f"**before:** {p['before']}", "", f"**after:** {p['after']}", ""]
-    if res.get("examples"):
-        lines += ["## Held-out examples", ""]
-        for ex in res["examples"]:
-            lines += [f"- prompt: `{ex['prompt']}`", f"  - reference: `{ex['reference']}`",
-                      f"  - before: `{ex['before']}`", f"  - after: `{ex['after']}`"]
-    return "\n".join(lines) + "\n"
 
 
 def render_console(res: dict[str, Any]) -> str:
@@ -239,7 +340,12 @@ def render_console(res: dict[str, Any]) -> str:
                 f"  after:  {ex['after'][:200]}", ""]
     for m, s in res["scores"].items():
         t = s["paired_test"]
-        out.append(f"{m}: before {s['before_correct']}/{res['n_eval']} ({s['before']:.1%})  ->  after "
-                   f"{s['after_correct']}/{res['n_eval']} ({s['after']:.1%})   McNemar p={t['p_value']:.2g}")
+        if s.get("binary"):
+            out.append(f"{m}: before {s['before_correct']}/{res['n_eval']} ({s['before']:.1%})  ->  after "
+                       f"{s['after_correct']}/{res['n_eval']} ({s['after']:.1%})   {t['test']} p={t['p_value']:.2g}")
+        else:
+            out.append(f"{m}: before {s['before']:.3f} -> after {s['after']:.3f}   {t['test']} p={t['p_value']:.2g}")
+    for name, v in res.get("loss", {}).items():
+        out.append(f"{name}: before {v['before']:.4f} -> after {v['after']:.4f}")
     out.append("=" * 78)
     return "\n".join(out)

@@ -40,3 +40,46 @@ def test_bootstrap_interval_brackets_the_mean():
     assert lo < 0.3 < hi and 0.18 < lo and hi < 0.42
     assert bootstrap_ci([1.0] * 20) == (1.0, 1.0)
     assert bootstrap_ci([]) == (0.0, 0.0)
+
+
+def test_token_f1_and_rouge_l_by_hand():
+    from sft_ray.evaluate import rouge_l, token_f1
+
+    # pred tokens: the cat sat ; ref: the cat sat down -> common 3, P=1, R=3/4, F1=6/7
+    assert token_f1("The cat sat.", "the cat sat down") == pytest.approx(6 / 7)
+    assert token_f1("dog", "cat") == 0.0 and token_f1("", "") == 1.0
+    # LCS("a b c d", "a c b d") = 3 (a b d or a c d): P=R=3/4 -> F=0.75
+    assert rouge_l("a b c d", "a c b d") == pytest.approx(0.75)
+    assert rouge_l("x y", "x y") == 1.0 and rouge_l("x", "y") == 0.0
+
+
+def test_permutation_test_known_answers():
+    from sft_ray.evaluate import permutation_test
+
+    # 10 pairs, all improved by the same amount: exact two-sided p = 2 / 2**10
+    r = permutation_test([0.2] * 10, [0.7] * 10)
+    assert r["mean_diff"] == pytest.approx(0.5)
+    assert r["p_value"] == pytest.approx(2 / 1024, abs=0.002)
+    assert permutation_test([0.3, 0.5], [0.3, 0.5])["p_value"] == 1.0
+    # symmetric noise: no evidence
+    assert permutation_test([0.1, 0.9, 0.4, 0.6], [0.9, 0.1, 0.6, 0.4])["p_value"] > 0.5
+
+
+def test_user_scorer_by_import_path():
+    from sft_ray.evaluate import load_scorer, score
+
+    name, fn = load_scorer("os.path:commonprefix")
+    assert name == "commonprefix" and callable(fn)
+    s = score(["abc"], ["abd"], ["tests.test_scores:first_char_match"])
+    assert s["first_char_match"] == [1.0]
+    with pytest.raises(ValueError, match="package.module:function"):
+        load_scorer("no_colon")
+
+
+def first_char_match(pred: str, ref: str) -> float:
+    return float(pred[:1] == ref[:1])
+
+
+def test_free_text_gets_f1_and_rouge():
+    s = score(["the cat sat on the mat"], ["a cat sat on a mat today"])
+    assert {"token_f1", "rouge_l"} <= set(s) and "json_match" not in s

@@ -1,0 +1,158 @@
+"""The run report: report.md, report.html, loss.png and metrics.json under ``{output_dir}/eval``."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+
+def loss_plot(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Train and eval loss against optimizer step (800x450 PNG)."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", color="#d62728")
+    values = [v for _, v in train + evals if v > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (trained tokens)")
+    ax.set_title("sft-ray: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _facts(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not summary:
+        return []
+    cfg = summary.get("config", {})
+    plan, m = summary.get("plan", {}), summary.get("metrics", {})
+    tr = summary.get("data", {}).get("train", {})
+    ev = summary.get("data", {}).get("eval", {})
+    facts = [
+        ("model", str(cfg.get("model", {}).get("name", "?"))),
+        ("train data", ", ".join(cfg.get("data", {}).get("train", []))),
+        ("train rows / tokens (trained)", f"{tr.get('rows', '?')} / {tr.get('tokens', '?')} ({tr.get('trained_tokens', '?')})"),
+        ("bad / truncated / dropped rows", f"{tr.get('bad', 0)} / {tr.get('truncated', 0)} / {tr.get('dropped_too_long', 0)}"),
+        ("eval rows", str(ev.get("rows", "-"))),
+        ("workers x batch x accum", f"{cfg.get('train', {}).get('num_workers')} x "
+                                    f"{cfg.get('train', {}).get('per_device_batch_size')} x {cfg.get('train', {}).get('grad_accum')}"),
+        ("DeepSpeed ZeRO stage", str(cfg.get("deepspeed", {}).get("zero_stage"))),
+        ("optimizer steps", str(plan.get("max_steps", "?"))),
+        ("train time", f"{summary.get('train_seconds', '?')} s"),
+        ("throughput", f"{m.get('avg_tokens_per_s', 0):.1f} tokens/s (non-pad, all workers)"),
+        ("final train loss / eval loss", f"{m.get('loss', float('nan')):.4f} / {m.get('eval_loss', float('nan')):.4f}"),
+    ]
+    return facts
+
+
+def _score_rows(res: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    n = res["n_eval"]
+    for metric, s in res["scores"].items():
+        t = s["paired_test"]
+        rows.append([
+            metric,
+            f"{s['before']:.3f}" + (f" ({s['before_correct']}/{n})" if s.get("binary") else ""),
+            f"{s['after']:.3f}" + (f" ({s['after_correct']}/{n})" if s.get("binary") else ""),
+            f"{s['before_ci95'][0]:.3f}–{s['before_ci95'][1]:.3f}",
+            f"{s['after_ci95'][0]:.3f}–{s['after_ci95'][1]:.3f}",
+            f"{t.get('improved', '-')}", f"{t.get('regressed', '-')}", f"{t['p_value']:.2g} ({t['test']})",
+        ])
+    for name, v in res.get("loss", {}).items():
+        rows.append([name, f"{v['before']:.4f}", f"{v['after']:.4f}", "", "", "", "", ""])
+    return rows
+
+
+HEADER = ["metric", "before", "after", "before 95% CI", "after 95% CI", "improved", "regressed", "p (paired test)"]
+
+
+def markdown(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool) -> str:
+    out = ["# sft-ray: before / after", ""]
+    facts = _facts(summary)
+    if facts:
+        out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
+    if has_plot:
+        out += ["![loss](loss.png)", ""]
+    out += [f"Held-out rows scored: {res['n_eval']} (greedy decoding, the training chat template)", ""]
+    rows = _score_rows(res)
+    if rows:
+        out += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out.append("")
+    out += ["## Probe questions", ""]
+    for p in res["probes"]:
+        out += [f"### {p['question']}", "", f"**before:** {p['before']}", "", f"**after:** {p['after']}", ""]
+    if res.get("examples"):
+        out += ["## Held-out examples", ""]
+        for ex in res["examples"]:
+            out += [f"- prompt: `{ex['prompt']}`", f"  - reference: `{ex['reference']}`",
+                    f"  - before: `{ex['before']}`", f"  - after: `{ex['after']}`"]
+    return "\n".join(out) + "\n"
+
+
+def to_html(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool) -> str:
+    e = html.escape
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;"
+           "vertical-align:top}th{background:#f3f3f3}.pair td{width:50%;white-space:pre-wrap}img{max-width:100%}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sft-ray report</title><style>{css}</style>"
+             "</head><body><h1>sft-ray: before / after</h1>"]
+    facts = _facts(summary)
+    if facts:
+        parts.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
+    if has_plot:
+        parts.append("<img src='loss.png' alt='train and eval loss'>")
+    parts.append(f"<p>Held-out rows scored: {res['n_eval']} (greedy decoding, the training chat template)</p>")
+    rows = _score_rows(res)
+    if rows:
+        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    parts.append("<h2>Probe questions</h2><table class='pair'><tr><th>before</th><th>after</th></tr>")
+    for p in res["probes"]:
+        parts.append(f"<tr><th colspan='2'>{e(p['question'])}</th></tr>"
+                     f"<tr><td>{e(p['before'])}</td><td>{e(p['after'])}</td></tr>")
+    parts.append("</table>")
+    if res.get("examples"):
+        parts.append("<h2>Held-out examples</h2><table><tr><th>prompt</th><th>reference</th><th>before</th>"
+                     "<th>after</th></tr>")
+        parts += [f"<tr><td>{e(x['prompt'])}</td><td>{e(x['reference'])}</td><td>{e(x['before'])}</td>"
+                  f"<td>{e(x['after'])}</td></tr>" for x in res["examples"]]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write(out_dir: Path, res: dict[str, Any], summary: dict[str, Any] | None = None,
+          history: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = loss_plot(history or [], out_dir / "loss.png")
+    payload = {**res, "run": {k: v for k, v in (summary or {}).items() if k != "eval"}}
+    paths = {
+        "metrics": out_dir / "metrics.json",
+        "markdown": out_dir / "report.md",
+        "html": out_dir / "report.html",
+    }
+    paths["metrics"].write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str))
+    paths["markdown"].write_text(markdown(res, summary, plot is not None), encoding="utf-8")
+    paths["html"].write_text(to_html(res, summary, plot is not None), encoding="utf-8")
+    if plot:
+        paths["plot"] = plot
+    return paths

@@ -1,0 +1,156 @@
+"""The Serve app on local Ray, called with the real openai client (sync and async) and raw HTTP."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from sft_ray.config import load_config
+
+KEY = "sk-test-not-a-real-key-123"
+PORT = 8123
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir):
+    from ray import serve
+
+    from sft_ray.serve import start
+
+    cfg = load_config(None, [f"serve.port={PORT}", "serve.model_name=tiny", "serve.max_tokens_limit=64",
+                             "serve.default_max_tokens=16", "serve.max_body_bytes=20000"])
+    url = start(str(tiny_model_dir), cfg, api_key=KEY)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return tok, model
+
+
+def _greedy(tok, model, ids, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def _chat_ids(tok, messages):
+    return tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+
+
+def test_models_and_health(server):
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server.removesuffix("/v1") + "/health").json()["status"] == "ok"
+
+
+def test_chat_greedy_equals_in_process_generate(server, local_model):
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    ids = _chat_ids(tok, messages)
+    assert r.choices[0].message.content == _greedy(tok, model, ids, 12)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids)
+    assert 1 <= r.usage.completion_tokens <= 12 and r.usage.total_tokens == len(ids) + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completion_and_stop(server, local_model):
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    r = client.completions.create(model="tiny", prompt="The weather today", max_tokens=10, temperature=0)
+    expected = _greedy(tok, model, tok("The weather today")["input_ids"], 10)
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    if len(expected) > 4:  # a stop string cuts the text there
+        stop = expected[2:4]
+        r2 = client.completions.create(model="tiny", prompt="The weather today", max_tokens=10, temperature=0, stop=[stop])
+        assert r2.choices[0].text == expected[: expected.find(stop)] and r2.choices[0].finish_reason == "stop"
+
+
+def test_streaming_matches_non_streaming(server):
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == full.choices[0].message.content
+    assert len(chunks) >= 3  # role, pieces, finish
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    # raw SSE ends with [DONE]
+    with httpx.stream("POST", f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "Once", "max_tokens": 5, "stream": True}) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    kw = dict(model="tiny", prompt="Random words:", max_tokens=12, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+
+
+def test_concurrent_requests_are_batched_and_correct(server):
+    prompts = [f"Item {i}: describe it" for i in range(8)]
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=server, api_key=KEY)
+        sequential = [(await client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0)).choices[0].text
+                      for p in prompts]
+        together = await asyncio.gather(*[client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0)
+                                          for p in prompts])
+        return sequential, [r.choices[0].text for r in together]
+
+    sequential, together = asyncio.run(go())
+    assert together == sequential
+
+
+def test_auth(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server, api_key="wrong").models.list()
+    r = httpx.post(f"{server}/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b'{"model": "tiny", "messages": [', 400, "invalid_json"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "lots"}, 400, "invalid_value"),
+        ({"model": "tiny", "messages": "hello"}, 400, "invalid_value"),
+        ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ({"model": "tiny", "messages": []}, 400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400, "max_tokens_too_large"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context_length_exceeded"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 30000}]}, 413, "request_too_large"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, code):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}/chat/completions", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    # the replica is still serving
+    ok = httpx.post(f"{server}/chat/completions", headers=headers,
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
