@@ -113,6 +113,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_data_preview(args) -> int:
+    """Rendered examples with the trained tokens marked, plus counts; or --json rows as the trainer sees them."""
+    from sft_ray import data
+    from sft_ray.modeling import load_tokenizer
+    from sft_ray.template import IGNORE_INDEX
+    from sft_ray.train import init_ray, resolve_data
+
+    cfg = load_config(args.config, args.overrides)
+    train_specs, eval_specs = resolve_data(cfg)
+    specs = eval_specs if args.split == "eval" else train_specs
+    if not specs:
+        raise ConfigError(f"no {args.split} data configured")
+    init_ray(cfg)
+    ds = data.tokenized(specs, cfg)
+    rows = data.trainable(ds, cfg.data.on_bad_rows)
+    if args.json:
+        it = rows.iter_rows() if args.n == 0 else rows.limit(args.n).iter_rows()
+        for r in it:
+            sys.stdout.write(json.dumps({"input_ids": [int(x) for x in r["input_ids"]],
+                                         "labels": [int(x) for x in r["labels"]]}) + "\n")
+        return 0
+    tok = load_tokenizer(cfg.model)
+    color = sys.stdout.isatty()
+    on, off = ("\033[1;32m", "\033[0m") if color else ("[[", "]]")
+    for i, r in enumerate(rows.limit(args.n).iter_rows()):
+        out, trained = [], False
+        for t, lab in zip(r["input_ids"], r["labels"]):
+            now = lab != IGNORE_INDEX
+            if now != trained:
+                out.append(on if now else off)
+                trained = now
+            out.append(tok.decode([int(t)]))
+        if trained:
+            out.append(off)
+        sys.stdout.write(f"--- example {i + 1} ({len(r['input_ids'])} tokens; trained tokens between {on}{off}) ---\n")
+        sys.stdout.write("".join(out) + "\n")
+    st = data.validate(ds, args.split)
+    sys.stdout.write(f"--- {args.split} data: {st.summary()}\n")
+    for err in st.errors:
+        sys.stdout.write(f"  bad row: {err}\n")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="default 8000")
     s.add_argument("--api-key-env", help="environment variable holding the API key clients must send")
     s.set_defaults(fn=cmd_serve)
+    d = sub.add_parser("data", help="inspect the data pipeline")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    pv = dsub.add_parser("preview", help="rendered examples with trained tokens marked, and counts")
+    pv.add_argument("config")
+    pv.add_argument("overrides", nargs="*")
+    pv.add_argument("--n", type=int, default=3, help="rows to show (0 = all, with --json)")
+    pv.add_argument("--json", action="store_true", help="one {input_ids, labels} object per row, -100 = masked")
+    pv.add_argument("--split", choices=["train", "eval"], default="train")
+    pv.set_defaults(fn=cmd_data_preview)
     g = sub.add_parser("generate", help="greedy answer from a model folder ('embedded' = the default model)")
     g.add_argument("model_dir")
     g.add_argument("prompt")

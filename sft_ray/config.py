@@ -87,7 +87,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
     storage_path: str | None = Field(None, description="None = {output_dir}/ray; use NFS or s3:// on multi-node")
     resume: bool = True
-    report_to: list[str] = Field(default_factory=list)
+    report_to: list[str] = Field(default_factory=list, description="[] = tensorboard when installed; e.g. [mlflow], [wandb], [none]")
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ Ray Train; at the end all ranks join the export (ZeRO-3 gathers) and rank 0 repo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -210,6 +211,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     tok = load_tokenizer(cfg.model)
     t = cfg.train
     eval_steps = t.eval_steps if plan.has_eval and t.eval_steps else None
+    report_to = t.report_to or (["tensorboard"] if importlib.util.find_spec("tensorboard") else ["none"])
+    if "tensorboard" in report_to:  # rank 0 writes; on one node this is the run's own folder
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(loop_cfg["output_dir"], "tensorboard"))
     # The SFTConfig (with its DeepSpeed dict) must exist before from_pretrained: under ZeRO-3 that is
     # what makes transformers partition the weights at load time instead of loading them whole per rank.
     args = SFTConfig(
@@ -232,7 +236,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         prediction_loss_only=True,
-        report_to=t.report_to or "none",
+        report_to=report_to,
         deepspeed=ds_builder.build(cfg.deepspeed, on_gpu, precision),
         use_cpu=not on_gpu,
         seed=cfg.seed,
@@ -410,7 +414,8 @@ def run(cfg: Config) -> dict[str, Any]:
         datasets["eval"] = data.trainable(eval_tok, cfg.data.on_bad_rows).materialize()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.__dict__},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.__dict__,
+                           "output_dir": str(out.resolve())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=bool(use_gpu),
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},

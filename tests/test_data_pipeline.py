@@ -115,3 +115,23 @@ def test_eval_fraction_split_is_deterministic_and_disjoint():
     assert ev == {k for k in keys if in_eval_split(*k, seed=1, fraction=0.1)}
     assert 120 < len(ev) < 280
     assert ev != {k for k in keys if in_eval_split(*k, seed=2, fraction=0.1)}
+
+
+def test_preview_shows_what_the_trainer_sees(tmp_path, tiny_model_dir, smol_tok, capsys):
+    from sft_ray.cli import main
+    from sft_ray.formats import to_example
+    from sft_ray.template import tokenize_example
+
+    rows = [GOOD, {"prompt": "2+2?", "completion": "4"}, {"instruction": "Say yes", "output": "yes"}]
+    f = _write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    base = ["jobs/configs/local-cpu.yaml", f"model.name={tiny_model_dir}", f"data.train={f}", "data.eval=[]",
+            f"output_dir={tmp_path}"]
+    assert main(["data", "preview", *base, "--json", "--n", "0"]) == 0
+    got = sorted(json.dumps(json.loads(line)) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    want = sorted(json.dumps({"input_ids": t["input_ids"], "labels": t["labels"]})
+                  for t in (tokenize_example(to_example(r), smol_tok, 256) for r in rows))
+    assert got == want
+    assert main(["data", "preview", *base, "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[[hello<|im_end|>]]" in out or "[[4<|im_end|>]]" in out or "[[yes<|im_end|>]]" in out
+    assert "train data: 3 rows" in out

@@ -15,7 +15,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture
 def cluster(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60 turns token auth on for `ray start`
+    # Ray 2.60 turns token auth on for `ray start`; the venv's bin first on PATH, as after `source .venv/bin/activate`,
+    # so that the job's `python` entrypoint is the interpreter that has sft-ray's dependencies
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     subprocess.run(
         [RAY, "start", "--head", "--port=6391", "--dashboard-port=8291", "--dashboard-host=127.0.0.1",

@@ -69,13 +69,24 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
     if stage == 2:  # the before/after report on the same run (its numbers are random for a tiny model)
         from sft_ray.cli import _evaluate
 
+        from PIL import Image
+
         cfg.eval.max_examples, cfg.eval.max_new_tokens, cfg.eval.probe_max_new_tokens = 6, 8, 8
-        scores = _evaluate(cfg, str(model_dir))
-        metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        scores = _evaluate(cfg, str(model_dir), {**summary, "config": cfg.model_dump(mode="json")})
+        ev = tmp_path / "eval"
+        metrics = json.loads((ev / "metrics.json").read_text())
         assert metrics["n_eval"] == 6 and len(metrics["probes"]) == 3
         assert set(scores) >= {"exact_match", "json_match"}
         assert all(p["before"] is not None and p["after"] is not None for p in metrics["probes"])
-        assert "Calculate 1+1-1" in (tmp_path / "eval" / "report.md").read_text()
+        # eval loss on the same split: the trained model must beat the random one it started from
+        assert metrics["loss"]["eval_loss"]["after"] < metrics["loss"]["eval_loss"]["before"]
+        for page in ("report.md", "report.html"):
+            text = (ev / page).read_text()
+            assert "Calculate 1+1-1" in text and "loss.png" in text and "exact_match" in text
+        with Image.open(ev / "loss.png") as im:
+            assert im.size == (800, 450) and im.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+        # TensorBoard (installed by the bootstrap) got the training curve
+        assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
 
 
 def test_rerun_with_same_name_returns_finished_model(tmp_path, tiny_model_dir):
