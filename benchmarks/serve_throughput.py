@@ -93,13 +93,14 @@ async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--requests", type=int, default=200, help="per concurrency level (3 levels)")
-    ap.add_argument("--baseline-requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=168, help="per concurrency level (3 levels: 504 in all)")
+    ap.add_argument("--baseline-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baseline")
     ap.add_argument("--port", type=int, default=8130)
     a = ap.parse_args()
 
+    import httpx
     from ray import serve
 
     from sft_ray.config import load_config
@@ -110,18 +111,24 @@ def main() -> None:
     convs = prompts(a.requests)
     results = {"in_process_sequential": in_process(model_dir, convs[: a.baseline_requests], a.max_tokens, a.cpus)}
     cfg = load_config(None, [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}",
-                             "serve.max_batch_size=8", "serve.batch_wait_s=0.01"])
+                             "serve.max_batch_size=8"])
     url = start(model_dir, cfg)
     try:
         asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, 0))  # warm-up
+        health = url.removesuffix("/v1") + "/health"
         for conc in (1, 4, 8):
+            h0 = httpx.get(health).json()
             results[f"endpoint_c{conc}"] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, 16))
+            h = httpx.get(health).json()
+            results[f"endpoint_c{conc}"]["mean_batch"] = (h["batched_requests"] - h0["batched_requests"]) / max(
+                1, h["batches"] - h0["batches"])
     finally:
         serve.shutdown()
-    print(f"{'setup':24s} {'req':>5s} {'err':>4s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} {'ttft50':>7s}")
+    print(f"{'setup':24s} {'req':>5s} {'err':>4s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
+          f"{'ttft50':>7s} {'batch':>6s}")
     for k, r in results.items():
         print(f"{k:24s} {r['requests']:5d} {r['errors']:4d} {r['req_per_s']:7.2f} {r['tokens_per_s']:7.1f} "
-              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f}")
+              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f} {r.get('mean_batch', 1):6.2f}")
     total = sum(r["requests"] for k, r in results.items() if k.startswith("endpoint"))
     errors = sum(r["errors"] for r in results.values())
     base = results["in_process_sequential"]["tokens_per_s"]

@@ -62,9 +62,9 @@ def _serve_forever(model_dir: str, cfg) -> int:
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
     if cfg.serve.api_key_env and not key:
         raise ConfigError(f"serve.api_key_env={cfg.serve.api_key_env}, but that environment variable is empty")
-    url = sft_serve.start(model_dir, cfg, key)
-    say(f"serving {model_dir} at {url} ({'API key required' if key else 'no API key'}); Ctrl-C stops")
-    try:
+    try:  # Ctrl-C (SIGINT) stops cleanly, also while the app is still starting
+        url = sft_serve.start(model_dir, cfg, key)
+        say(f"serving {model_dir} at {url} ({'API key required' if key else 'no API key'}); Ctrl-C stops")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -216,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (sft-ray serve DIR --port 9000 serve.max_replicas=2)
+    bad = [x for x in extra if "=" not in x or x.startswith("-")]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     _quiet()
     from sft_ray.data import DataError
     from sft_ray.modeling import ModelError

@@ -132,7 +132,8 @@ class ServeConfig(_Strict):
     max_tokens_limit: int = Field(512, gt=0)
     default_max_tokens: int = Field(128, gt=0)
     max_batch_size: int = Field(8, gt=0)
-    batch_wait_s: float = Field(0.02, ge=0)
+    # long enough for a batch to fill on CPU, where a started batch slows the arrival of the rest
+    batch_wait_s: float = Field(0.1, ge=0, description="how long a batch waits to fill (max_batch_size)")
     max_body_bytes: int = Field(1_000_000, gt=0)
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)

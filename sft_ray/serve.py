@@ -262,7 +262,7 @@ class ServeSettings:
     max_tokens_limit: int = 512
     default_max_tokens: int = 128
     max_batch_size: int = 8
-    batch_wait_s: float = 0.02
+    batch_wait_s: float = 0.1
     max_body_bytes: int = 1_000_000
     api_key_sha256: str | None = None
     trust_remote_code: bool = False
@@ -278,6 +278,8 @@ class OpenAIServer:
         self.created = int(time.time())
         self.active_streams = 0
         self.cancelled_streams = 0  # streams ended early because the client went away
+        self.batches = 0
+        self.batched_requests = 0
         self._batched.set_max_batch_size(self.s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.s.batch_wait_s)
 
@@ -327,9 +329,11 @@ class OpenAIServer:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both reset from the config in __init__
     async def _batched(self, reqs: list[GenRequest]) -> list[GenResult]:
         # in a thread: the event loop keeps accepting requests (the next batch) and serving streams
+        self.batches += 1
+        self.batched_requests += len(reqs)
         return await asyncio.to_thread(self.engine.generate, reqs)
 
     async def _stream(self, gen: GenRequest, kind: str, model: str) -> AsyncIterator[str]:
@@ -390,7 +394,8 @@ class OpenAIServer:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.s.model_name, "active_streams": self.active_streams,
-                "cancelled_streams": self.cancelled_streams}
+                "cancelled_streams": self.cancelled_streams, "batches": self.batches,
+                "batched_requests": self.batched_requests}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

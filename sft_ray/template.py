@@ -24,12 +24,16 @@ def render(tok, messages, add_generation_prompt: bool = False, **kwargs: Any) ->
 
 
 def _special_ids(tok) -> set[int]:
+    """Special token ids, cached per tokenizer; keyed by its size so that adding tokens (or a deepcopy that
+    then adds some) never reuses a stale set."""
+    size = len(tok)
     cached = getattr(tok, "_sft_ray_special_ids", None)
-    if cached is None:
-        cached = set(tok.all_special_ids)
-        cached |= {i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)}
+    if cached is None or cached[0] != size:
+        ids = set(tok.all_special_ids)
+        ids |= {i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)}
+        cached = (size, ids)
         tok._sft_ray_special_ids = cached
-    return cached
+    return cached[1]
 
 
 def _assistant_char_spans(tok, messages, targets: list[int], full: str, kwargs) -> list[tuple[int, int]]:

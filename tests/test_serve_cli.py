@@ -1,0 +1,49 @@
+"""`sft-ray serve` as a user runs it: a subprocess, key from an env var, 127.0.0.1, Ctrl-C stops it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+PORT = 8125
+
+
+def test_sft_ray_serve_command(tiny_model_dir, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "stop", "--force"], capture_output=True)
+    key = "sk-cli-test-secret-value"
+    env = {**os.environ, "MY_KEY": key, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "sft-ray"), "serve", str(tiny_model_dir),
+                             "--port", str(PORT), "--api-key-env", "MY_KEY", "serve.model_name=tiny"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=5).status_code == 200
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=key)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens <= 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="nope").models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
+    text = (tmp_path / "serve.log").read_text()
+    assert f"at http://127.0.0.1:{PORT}/v1" in text and "API key required" in text
+    assert key not in text  # the secret never reaches the logs
+    assert proc.returncode == 0, text[-2000:]
