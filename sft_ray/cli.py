@@ -101,9 +101,14 @@ def _evaluate(cfg, model_dir: str, summary: dict | None = None) -> dict:
 
 
 def cmd_eval(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    config = args.config
+    if Path(config).is_dir():  # a run directory: its saved config.yaml
+        config = str(Path(config, "config.yaml"))
+    cfg = load_config(config, args.overrides)
     model_dir = args.model or str(Path(cfg.output_dir, "model"))
-    if not Path(model_dir, "config.json").is_file():
+    from sft_ray.modeling import is_model_dir
+
+    if not is_model_dir(model_dir):
         raise SystemExit(f"no trained model at {model_dir} (run `sft-ray train` first or pass --model)")
     summary_file = Path(cfg.output_dir, "train_summary.json")
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
@@ -122,12 +127,11 @@ def cmd_data_preview(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train_specs, eval_specs = resolve_data(cfg)
-    specs = eval_specs if args.split == "eval" else train_specs
-    if not specs:
-        raise ConfigError(f"no {args.split} data configured")
     init_ray(cfg)
-    ds = data.tokenized(specs, cfg)
-    rows = data.trainable(ds, cfg.data.on_bad_rows)
+    ds = data.splits(train_specs, eval_specs, cfg)[1 if args.split == "eval" else 0]
+    if ds is None:
+        raise ConfigError("no eval data configured (set data.eval or data.eval_fraction)")
+    rows = data.trainable(ds, cfg.data.on_bad_rows, cfg.data.tokenize_cpus)
     if args.json:
         it = rows.iter_rows() if args.n == 0 else rows.limit(args.n).iter_rows()
         for r in it:
@@ -158,18 +162,13 @@ def cmd_data_preview(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_ray.modeling import ensure_chat_template, resolve_model_path
+    from sft_ray.modeling import load_for_inference
 
-    path = resolve_model_path(args.model_dir)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    ensure_chat_template(tok)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=args.trust_remote_code).eval()
+    model, tok = load_for_inference(args.model_dir, args.trust_remote_code, float32=True)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                    add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=20")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="compare the base model and a trained model")
-    e.add_argument("config")
+    e.add_argument("config", help="YAML config, or a run directory (its config.yaml)")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--model", help="trained model folder (default: {output_dir}/model)")
     e.set_defaults(fn=cmd_eval)

@@ -42,6 +42,8 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     train: list[str] = Field(default_factory=lambda: ["generated"], description="files, dirs, globs, URIs; 'generated' = the built-in task")
     eval: list[str] = Field(default_factory=list)
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="mix: {train spec: weight}; 2 = every row twice, 0.5 = half the rows")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="rename source columns, e.g. {question: prompt}")
@@ -62,6 +64,18 @@ class DataConfig(_Strict):
         if isinstance(v, str):
             return [v]
         return [] if v is None else v
+
+    @model_validator(mode="after")
+    def _weights_name_train_specs(self) -> "DataConfig":
+        for spec, w in self.weights.items():
+            if spec not in self.train:
+                raise ValueError(f"data.weights names {spec!r}, which is not in data.train {self.train}")
+            if not w > 0:
+                raise ValueError(f"data.weights[{spec!r}] must be > 0, got {w}")
+        return self
+
+    def train_weights(self) -> list[float]:
+        return [self.weights.get(s, 1.0) for s in self.train]
 
 
 class TrainConfig(_Strict):
@@ -139,6 +153,7 @@ class ServeConfig(_Strict):
     max_replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0)
+    base_model: str | None = Field(None, description="base model of a LoRA adapter folder; default: the adapter's own")
     after_train: bool = Field(False, description="sft-ray train: serve the exported model when the run ends")
 
     @model_validator(mode="after")

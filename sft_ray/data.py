@@ -38,21 +38,37 @@ def where(source: str, row: int) -> str:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenize_task(batch: dict[str, np.ndarray], model_cfg: dict, data_cfg: dict) -> dict[str, list]:
-    """Ray Data task; the tokenizer is loaded once per worker process and reused (Ray reuses processes)."""
-    from sft_ray.config import DataConfig, ModelConfig
+def _tokenizer(model_cfg) -> Any:
+    """The driver's tokenizer for ``model_cfg``, loaded once per process."""
     from sft_ray.modeling import load_tokenizer
 
-    key = json.dumps(model_cfg, sort_keys=True)
+    key = model_cfg.model_dump_json()
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(ModelConfig.model_validate(model_cfg))
+        _TOKENIZERS[key] = load_tokenizer(model_cfg)
+    return _TOKENIZERS[key]
+
+
+def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) -> dict[str, list]:
+    """Ray Data task. The tokenizer arrives pickled through the object store and is kept per worker process:
+    unpickling takes ~1 s and no torch, where loading it with transformers' Auto classes takes ~6 s of
+    imports in every fresh process."""
+    import ray
+
+    from sft_ray.config import DataConfig
+
+    key = tok_ref[0].hex()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = ray.get(tok_ref[0])
     return tokenize_batch(batch, _TOKENIZERS[key], DataConfig.model_validate(data_cfg))
 
 
 def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
     out: dict[str, list] = {k: [] for k in ("source", "row", "input_ids", "labels", "n_tokens", "n_trained",
-                                            "truncated", "dropped", "error", "record")}
-    for source, row, record, error in zip(batch["source"], batch["row"], batch["record"], batch["error"]):
+                                            "truncated", "dropped", "error", "record", "weight")}
+    weights = batch.get("weight", [1.0] * len(batch["row"]))
+    for source, row, record, error, weight in zip(batch["source"], batch["row"], batch["record"], batch["error"],
+                                                  weights):
         ids: list[int] = []
         labels: list[int] = []
         n_tok = n_tr = 0
@@ -83,6 +99,7 @@ def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
         out["dropped"].append(dropped)
         out["error"].append(str(error))
         out["record"].append(str(record)[:2000] if error else "")
+        out["weight"].append(float(weight))
     return out
 
 
@@ -91,38 +108,74 @@ def in_eval_split(source: str, row: int, seed: int, fraction: float) -> bool:
     return zlib.crc32(f"{seed}:{source}:{row}".encode()) % 100_000 < fraction * 100_000
 
 
+BLOCK_BYTES = 1 << 20
+
+
 def quiet_ray_data() -> None:
-    """Ray Data's progress bars flood a job log; sft-ray prints its own progress."""
+    """Ray Data settings for text: no progress bars (sft-ray prints its own progress), and 1 MiB blocks
+    instead of 128 MiB, so that a file's rows spread over many tokenizer tasks and reach the trainers
+    while later rows are still being tokenized (text rows are small; big blocks meant one task per file)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def tokenized(specs: list[str], cfg, split: str | None = None):
-    """Dataset of tokenized rows (bad and dropped rows still present, flagged) for ``specs``."""
+def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[float] | None = None):
+    """Dataset of tokenized rows (bad and dropped rows still present, flagged) for ``specs``.
+
+    ``weights`` (train data only) repeat or subsample each spec's rows; the eval split is never reweighted."""
     from sft_ray import sources
 
     quiet_ray_data()
 
-    ds = sources.read(specs)
+    ds = sources.read(specs, weights if split != "eval" else None)
     if split is not None:
         frac, seed = cfg.data.eval_fraction, cfg.seed
         want_eval = split == "eval"
         ds = ds.filter(lambda r: in_eval_split(r["source"], r["row"], seed, frac) == want_eval)
-    return ds.map_batches(
-        _tokenize_task,
-        fn_kwargs={"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump()},
+    import ray
+
+    ds = ds.map_batches(
+        _tokenize_task,  # the ref is wrapped in a list so that Ray passes it on instead of resolving it per task
+        fn_kwargs={"tok_ref": [ray.put(_tokenizer(cfg.model))], "data_cfg": cfg.data.model_dump()},
         batch_size=256,
         num_cpus=cfg.data.tokenize_cpus,
     )
+    if weights is not None and split != "eval" and any(w != 1.0 for w in weights):
+        ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="numpy", num_cpus=cfg.data.tokenize_cpus)
+    return ds
 
 
-def trainable(ds, on_bad_rows: str):
-    """Only the columns the trainer needs; under on_bad_rows=error a bad row stops the stream."""
+def mix(batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """Repeat or subsample good rows by their source's weight; bad and dropped rows stay, once, to be counted."""
+    from sft_ray.sources import copies
+
+    reps = [1 if batch["error"][i] or batch["dropped"][i]
+            else copies(float(batch["weight"][i]), str(batch["source"][i]), int(batch["row"][i]), seed)
+            for i in range(len(batch["row"]))]
+    idx = np.repeat(np.arange(len(reps)), reps)
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def splits(train_specs: list[str], eval_specs: list[str], cfg):
+    """Tokenized (train, eval) datasets: eval files, else the ``eval_fraction`` held out of train, else None."""
+    w = cfg.data.train_weights()
+    if eval_specs:
+        return tokenized(train_specs, cfg, weights=w), tokenized(eval_specs, cfg)
+    if cfg.data.eval_fraction > 0:
+        return tokenized(train_specs, cfg, "train", weights=w), tokenized(train_specs, cfg, "eval")
+    return tokenized(train_specs, cfg, weights=w), None
+
+
+def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5):
+    """Only the columns the trainer needs; under on_bad_rows=error a bad row stops the stream.
+
+    ``num_cpus`` should equal ``data.tokenize_cpus``: Ray Data then fuses this step into the tokenizer task."""
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, list]:
         ids, labels = [], []
@@ -139,7 +192,7 @@ def trainable(ds, on_bad_rows: str):
             labels.append(batch["labels"][i].tolist())
         return {"input_ids": ids, "labels": labels}
 
-    return ds.map_batches(keep, batch_format="numpy", num_cpus=0.25)
+    return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus)
 
 
 @dataclass

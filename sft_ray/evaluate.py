@@ -22,22 +22,13 @@ class Generator:
     """Ray Data callable class: loads one model, answers batches of chat prompts greedily."""
 
     def __init__(self, model_dir: str, max_new_tokens: int, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from transformers.utils import logging as hf_logging
 
-        from sft_ray.modeling import ensure_chat_template
+        from sft_ray.modeling import load_for_inference
 
         hf_logging.disable_progress_bar()
-        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        ensure_chat_template(self.tok)
-        self.tok.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).eval()
-        if len(self.tok) > self.model.get_input_embeddings().weight.shape[0]:  # ChatML tokens added to a base model
-            self.model.resize_token_embeddings(len(self.tok))
+        self.model, self.tok = load_for_inference(model_dir, trust_remote_code)
+        self.device = self.model.device
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -47,7 +38,7 @@ class Generator:
             self.tok.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True)
             for m in batch["messages"]
         ]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(
                 **enc, max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -55,6 +46,13 @@ class Generator:
             )
         texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return {"i": list(batch["i"]), "answer": [t.strip() for t in texts]}
+
+
+def _actor_resources() -> dict[str, float]:
+    """One GPU per model actor when the cluster has GPUs, else one CPU."""
+    import ray
+
+    return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
 def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
@@ -71,7 +69,7 @@ def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: in
         fn_constructor_kwargs={"model_dir": model_dir, "max_new_tokens": max_new_tokens},
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=max(1, actors)),
-        num_cpus=1,
+        **_actor_resources(),
     )
     rows = sorted(ds.take_all(), key=lambda r: r["i"])
     return [r["answer"] for r in rows]
@@ -81,15 +79,14 @@ class LossScorer:
     """Ray Data callable class: summed NLL and token count on the trained tokens of a batch."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from sft_ray.modeling import load_for_inference
+
         hf_logging.disable_progress_bar()
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.model, tok = load_for_inference(model_dir, trust_remote_code, float32=True)  # losses in fp32
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+        self.device = self.model.device
         self.vocab = self.model.get_input_embeddings().weight.shape[0]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -101,6 +98,7 @@ class LossScorer:
         if int(b["input_ids"].max()) >= self.vocab:  # ChatML tokens the base model has no embedding for
             self.model.resize_token_embeddings(int(b["input_ids"].max()) + 1)
             self.vocab = int(b["input_ids"].max()) + 1
+        b = {k: v.to(self.device) for k, v in b.items()}
         with torch.inference_mode():
             logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         nll = torch.nn.functional.cross_entropy(
@@ -114,7 +112,7 @@ def eval_loss(model_dir: str, ds, batch_size: int, actors: int) -> dict[str, flo
     from ray.data import ActorPoolStrategy
 
     parts = ds.map_batches(LossScorer, fn_constructor_args=(model_dir,), batch_size=batch_size,
-                           compute=ActorPoolStrategy(size=max(1, actors)), num_cpus=1).take_all()
+                           compute=ActorPoolStrategy(size=max(1, actors)), **_actor_resources()).take_all()
     nll, n = sum(p["nll"] for p in parts), sum(p["n"] for p in parts)
     loss = nll / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
@@ -235,9 +233,13 @@ def mcnemar_exact(before: list[float], after: list[float]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- eval set
 
 
-def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int) -> list[tuple[list[dict], str]]:
-    """(prompt conversation, reference answer) for the first ``limit`` usable rows of the eval data."""
+def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int,
+               fraction_split: tuple[int, float] | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt conversation, reference answer) for the first ``limit`` usable rows of the eval data.
+
+    ``fraction_split=(seed, fraction)``: the rows of ``specs`` that ``data.eval_fraction`` holds out."""
     from sft_ray import sources
+    from sft_ray.data import in_eval_split
 
     pairs = []
     for spec in specs:
@@ -246,6 +248,8 @@ def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int) 
                 if len(pairs) >= limit:
                     return pairs
                 if r["error"]:
+                    continue
+                if fraction_split and not in_eval_split(r["source"], r["row"], *fraction_split):
                     continue
                 try:
                     ex = to_example(json.loads(r["record"]), fmt, columns)
@@ -283,7 +287,12 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
     from sft_ray import report
 
     e = cfg.eval
-    pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples) if eval_specs else []
+    split = None
+    if not eval_specs and cfg.data.eval_fraction > 0:  # the held-out fraction of the training files
+        from sft_ray.train import resolve_data
+
+        eval_specs, split = resolve_data(cfg)[0], (cfg.seed, cfg.data.eval_fraction)
+    pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples, split) if eval_specs else []
     probes = [[{"role": "user", "content": q}] for q in e.probes]
     results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir}}
     answers: dict[str, dict[str, list[str]]] = {}
@@ -312,7 +321,8 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
     if e.loss and eval_specs:
         from sft_ray import data
 
-        ds = data.trainable(data.tokenized(eval_specs, cfg), "skip").limit(e.max_loss_rows).materialize()
+        tokenized = data.tokenized(eval_specs, cfg, "eval" if split else None)
+        ds = data.trainable(tokenized, "skip", cfg.data.tokenize_cpus).limit(e.max_loss_rows).materialize()
         before, after = (eval_loss(d, ds, e.batch_size, e.actors) for d in (base_dir, tuned_dir))
         results["loss"] = {"eval_loss": {"before": before["loss"], "after": after["loss"]},
                            "perplexity": {"before": before["perplexity"], "after": after["perplexity"]}}

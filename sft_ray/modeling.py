@@ -165,3 +165,45 @@ def load_model(model_cfg, tok, precision: str = "fp32"):
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
     return model
+
+
+def is_model_dir(path: str) -> bool:
+    """A full model folder or a LoRA adapter folder (peft's adapter_config.json)."""
+    p = Path(resolve_model_path(path))
+    return (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+
+
+def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: str | None = None,
+                       float32: bool = False):
+    """(model, tokenizer) ready to generate, on the GPU in bf16 when there is one, else fp32 on the CPU.
+
+    ``model_dir`` may be a LoRA adapter: it is loaded onto its base model (``base`` or the adapter's
+    ``base_model_name_or_path``) and merged, so generation runs at full-model speed.
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() and not float32 else torch.float32
+    model_dir = resolve_model_path(model_dir)
+    adapter_cfg = Path(model_dir, "adapter_config.json")
+    weights_from = model_dir
+    if adapter_cfg.is_file() and not Path(model_dir, "config.json").is_file():
+        weights_from = resolve_model_path(base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+                                          or "")
+        if not weights_from:
+            raise ValueError(f"{model_dir}: a LoRA adapter without base_model_name_or_path; pass the base model")
+    has_tok = any(Path(model_dir, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(model_dir if has_tok else weights_from, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=dtype, trust_remote_code=trust_remote_code)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:  # ChatML tokens added to a base model
+        model.resize_token_embeddings(len(tok))
+    if weights_from != model_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    return model.to(device).eval(), tok

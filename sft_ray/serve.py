@@ -105,21 +105,14 @@ class GenResult:
 class Engine:
     """A transformers model answering batches of prompts; no Serve or HTTP in here."""
 
-    def __init__(self, model_dir: str, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, trust_remote_code: bool = False, base_model: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sft_ray.modeling import ensure_chat_template
+        from sft_ray.modeling import load_for_inference
 
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        ensure_chat_template(self.tok)
-        self.tok.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
+        self.model, self.tok = load_for_inference(model_dir, trust_remote_code, base_model)
+        self.device = self.model.device
         cfg = self.model.config.get_text_config()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))
         self.eos_ids = {self.tok.eos_token_id}
@@ -266,6 +259,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     api_key_sha256: str | None = None
     trust_remote_code: bool = False
+    base_model: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -274,7 +268,7 @@ class ServeSettings:
 class OpenAIServer:
     def __init__(self, model_dir: str, settings: dict):
         self.s = ServeSettings(**settings)
-        self.engine = Engine(model_dir, self.s.trust_remote_code)
+        self.engine = Engine(model_dir, self.s.trust_remote_code, self.s.base_model)
         self.created = int(time.time())
         self.active_streams = 0
         self.cancelled_streams = 0  # streams ended early because the client went away
@@ -436,6 +430,7 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
         # only a hash of the key travels to the replicas (and so into Serve's config and logs)
         api_key_sha256=hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
         trust_remote_code=trust_remote_code,
+        base_model=serve_cfg.base_model,
     )
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": serve_cfg.cpus_per_replica, "num_gpus": serve_cfg.gpus_per_replica},
@@ -488,14 +483,18 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
     """Deploy on the Ray cluster (local if none) and return the OpenAI base URL."""
     from pathlib import Path
 
-    from sft_ray.modeling import resolve_model_path
+    from sft_ray.modeling import is_model_dir, resolve_model_path
     from sft_ray.train import init_ray
 
-    model_dir = resolve_model_path(model_dir)
-    if not Path(model_dir, "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    init_ray(cfg)
     sc = cfg.serve
+    model_dir = resolve_model_path(model_dir)
+    if not is_model_dir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json) nor a LoRA adapter "
+                                "(no adapter_config.json)")
+    if sc.backend == "vllm" and not Path(model_dir, "config.json").is_file():
+        raise RuntimeError("serve.backend=vllm serves full models: export with export.merge_lora=true, "
+                           "or use the transformers backend for an adapter")
+    init_ray(cfg)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     if sc.backend == "vllm":
         if sc.api_key_env:

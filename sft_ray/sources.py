@@ -11,11 +11,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+              ".arrow": "arrow"}
 BATCH_ROWS = 1024
 
 
@@ -24,6 +26,7 @@ class SourceError(ValueError):
 
 
 def _kind(path: str) -> str | None:
+    """File type by extension; ``.arrow`` only inside a saved dataset (read via its folder)."""
     for ext, kind in EXTENSIONS.items():
         if path.endswith(ext) or path.endswith(ext + ".gz"):
             return kind
@@ -48,15 +51,21 @@ def expand(spec: str) -> list[str]:
             paths = [root]
         else:
             sel = pafs.FileSelector(root, recursive=True)
-            paths = sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File and _kind(i.path))
+            paths = sorted(i.path for i in fs.get_file_info(sel)
+                           if i.type == pafs.FileType.File and _kind(i.path) not in (None, "arrow"))
         prefix = "file://" if scheme == "file" else f"{scheme}://"
         files = [prefix + p if not p.startswith("/") or scheme != "file" else "file://" + p for p in paths]
     elif any(c in spec for c in "*?["):
         files = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
     elif os.path.isdir(spec):
-        files = sorted(
-            os.path.join(d, f) for d, _, fs_ in os.walk(spec) for f in fs_ if _kind(f) and not f.startswith(".")
-        )
+        files = []
+        for d, dirs, names in os.walk(spec):
+            dirs.sort()
+            if _is_hf_saved(d):  # a saved dataset inside the folder: its shards, not its metadata JSON
+                files += _saved_dataset_files(d)
+                dirs.clear()
+                continue
+            files += sorted(os.path.join(d, f) for f in names if _kind(f) not in (None, "arrow") and f[0] != ".")
     elif os.path.isfile(spec):
         files = [spec]
     else:
@@ -122,6 +131,16 @@ def iter_file(path: str) -> Iterator[dict[str, Any]]:
                     n += 1
                     yield _row(path, n, json.dumps(item, ensure_ascii=False, default=str))
         return
+    if kind == "arrow":  # the shards of a `datasets` save_to_disk folder (Arrow IPC stream)
+        import pyarrow as pa
+
+        with _open(path) as f:
+            n = 0
+            for batch in pa.ipc.open_stream(f):
+                for item in batch.to_pylist():
+                    n += 1
+                    yield _row(path, n, json.dumps(item, ensure_ascii=False, default=str))
+        return
     if kind == "csv":
         import pyarrow.csv as pcsv
 
@@ -136,67 +155,101 @@ def iter_file(path: str) -> Iterator[dict[str, Any]]:
     raise SourceError(f"{path}: unknown file type")
 
 
+def copies(weight: float, source: str, row: int, seed: int) -> int:
+    """How many times a row enters the mix: ``weight`` 2.5 = twice, and a third time for half the rows.
+
+    Deterministic by (seed, file, row), so reruns and restarted workers see the same mix."""
+    whole = int(weight)
+    frac = weight - whole
+    return whole + int(frac > 0 and zlib.crc32(f"mix:{seed}:{source}:{row}".encode()) % 100_000 < frac * 100_000)
+
+
 def _read_files(batch: dict[str, Any]) -> Iterator[dict[str, list]]:
     """Ray Data ``map_batches`` generator: read the files of a batch, emit rows in chunks."""
-    out: dict[str, list] = {"source": [], "row": [], "record": [], "error": []}
-    for path in batch["path"]:
+    out: dict[str, list] = {"source": [], "row": [], "record": [], "error": [], "weight": []}
+    for path, weight in zip(batch["path"], batch["weight"]):
         try:
-            rows = iter_file(str(path))
-            for r in rows:
-                for k in out:
+            for r in iter_file(str(path)):
+                for k in ("source", "row", "record", "error"):
                     out[k].append(r[k])
+                out["weight"].append(float(weight))
                 if len(out["row"]) >= BATCH_ROWS:
                     yield out
                     out = {k: [] for k in out}
         except Exception as e:  # a file that cannot be opened at all is one error row
             for k, v in _row(str(path), 0, error=f"cannot read file: {e}").items():
                 out[k].append(v)
+            out["weight"].append(float(weight))
     if out["row"]:
         yield out
 
 
-def read(specs: list[str]):
-    """A Ray Dataset of provenance rows for all files named by ``specs`` (HF saved datasets too)."""
+def _saved_dataset_files(path: str) -> list[str]:
+    """The Arrow shards of a ``save_to_disk`` folder (its ``train`` split for a DatasetDict)."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        if not splits:
+            raise SourceError(f"{path}: dataset_dict.json lists no splits")
+        path = os.path.join(path, "train" if "train" in splits else splits[0])
+    state = os.path.join(path, "state.json")
+    if not os.path.isfile(state):
+        raise SourceError(f"{path}: not a `datasets` save_to_disk folder (no state.json)")
+    with open(state) as f:
+        names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+    if not names:
+        raise SourceError(f"{path}: the saved dataset has no data files")
+    return [os.path.abspath(os.path.join(path, n)) for n in names]
+
+
+def read(specs: list[str], weights: list[float] | None = None):
+    """A Ray Dataset of provenance rows for all files named by ``specs`` (HF datasets too).
+
+    Each row carries the ``weight`` of its spec (default 1); the mix is applied after parsing, so that a
+    bad row is reported whatever its weight (see ``data.mix``)."""
     import ray
 
-    files: list[str] = []
-    hf: list[str] = []
-    for spec in specs:
-        if spec.startswith("hf:") or _is_hf_saved(spec):
-            hf.append(spec)
+    weights = list(weights) if weights is not None else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise SourceError(f"{len(weights)} weights for {len(specs)} data specs")
+    listing: list[dict[str, Any]] = []
+    hub: list[tuple[str, float]] = []
+    for spec, w in zip(specs, weights):
+        if spec.startswith("hf:"):
+            hub.append((spec, w))
+        elif _is_hf_saved(spec):
+            listing += [{"path": f, "weight": w} for f in _saved_dataset_files(spec)]
         else:
-            files.extend(expand(spec))
+            listing += [{"path": f, "weight": w} for f in expand(spec)]
     parts = []
-    if files:
-        listing = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-        parts.append(listing.map_batches(_read_files, batch_size=1, num_cpus=0.5))
-    for spec in hf:
-        parts.append(_read_hf(spec))
+    if listing:
+        files = ray.data.from_items(listing, override_num_blocks=max(1, len(listing)))
+        parts.append(files.map_batches(_read_files, batch_size=1, num_cpus=0.25))
+    for spec, w in hub:
+        parts.append(_read_hub(spec, w))
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.union(p)
     return ds
 
 
-def _read_hf(spec: str):
-    """A ``datasets`` dataset: ``save_to_disk`` folder, or ``hf:org/name[:split]`` from the Hub."""
+def _read_hub(spec: str, weight: float):
+    """``hf:org/name[:split]`` streamed from the Hugging Face Hub through ``datasets`` (needs network)."""
     import datasets
     import ray
 
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        d = datasets.load_dataset(name, split=split or "train", streaming=True)
-    else:
-        d = datasets.load_from_disk(spec)
-        if isinstance(d, datasets.DatasetDict):
-            d = d["train"] if "train" in d else d[list(d)[0]]
+    name, _, split = spec[3:].partition(":")
+    d = datasets.load_dataset(name, split=split or "train", streaming=True)
+    d = d.map(lambda ex, i: {"__row": i + 1}, with_indices=True)  # lazy: numbers rows for error messages
     ds = ray.data.from_huggingface(d)
 
     def to_rows(batch: dict[str, Any]) -> dict[str, list]:
-        keys = list(batch)
-        n = len(batch[keys[0]]) if keys else 0
-        records = [json.dumps({k: _plain(batch[k][i]) for k in keys}, ensure_ascii=False, default=str) for i in range(n)]
-        return {"source": [spec] * n, "row": [0] * n, "record": records, "error": [""] * n}
+        keys = [k for k in batch if k != "__row"]
+        n = len(batch["__row"])
+        records = [json.dumps({k: _plain(batch[k][i]) for k in keys}, ensure_ascii=False, default=str)
+                   for i in range(n)]
+        return {"source": [spec] * n, "row": [int(r) for r in batch["__row"]], "record": records,
+                "error": [""] * n, "weight": [weight] * n}
 
     return ds.map_batches(to_rows, batch_format="numpy", num_cpus=0.5)
 

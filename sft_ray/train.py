@@ -376,12 +376,7 @@ def run(cfg: Config) -> dict[str, Any]:
     train_specs, eval_specs = resolve_data(cfg)
     init_ray(cfg)
 
-    if eval_specs:
-        train_tok, eval_tok = data.tokenized(train_specs, cfg), data.tokenized(eval_specs, cfg)
-    elif cfg.data.eval_fraction > 0:
-        train_tok, eval_tok = data.tokenized(train_specs, cfg, "train"), data.tokenized(train_specs, cfg, "eval")
-    else:
-        train_tok, eval_tok = data.tokenized(train_specs, cfg), None
+    train_tok, eval_tok = data.splits(train_specs, eval_specs, cfg)
 
     stats: dict[str, Any] = {}
     if cfg.data.validate_first:
@@ -409,9 +404,9 @@ def run(cfg: Config) -> dict[str, Any]:
     use_gpu = cfg.train.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    datasets = {"train": data.trainable(train_tok, cfg.data.on_bad_rows)}
+    datasets = {"train": data.trainable(train_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus)}
     if eval_tok is not None:  # small by nature: materialized once (in the object store), not re-tokenized per eval
-        datasets["eval"] = data.trainable(eval_tok, cfg.data.on_bad_rows).materialize()
+        datasets["eval"] = data.trainable(eval_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus).materialize()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.__dict__,

@@ -135,3 +135,63 @@ def test_preview_shows_what_the_trainer_sees(tmp_path, tiny_model_dir, smol_tok,
     out = capsys.readouterr().out
     assert "[[hello<|im_end|>]]" in out or "[[4<|im_end|>]]" in out or "[[yes<|im_end|>]]" in out
     assert "train data: 3 rows" in out
+
+
+def test_hf_save_to_disk_folder(tmp_path, tiny_model_dir):
+    import datasets
+
+    rows = [GOOD] * 3 + [{"messages": [{"role": "user", "content": "only a question"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    st = validate(tokenized([str(tmp_path / "hf")], _cfg(tiny_model_dir)), "train")
+    assert (st.rows, st.bad) == (3, 1)
+    assert "no assistant turn" in st.errors[0] and str(tmp_path / "hf") in st.errors[0]
+    assert re.search(r"\.arrow row 4: ", st.errors[0]), st.errors[0]  # the real row, not a placeholder
+    # a DatasetDict folder reads its train split; a folder holding a saved dataset reads its shards only
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD] * 2),
+                          "test": datasets.Dataset.from_list([GOOD] * 5)}).save_to_disk(str(tmp_path / "dd"))
+    assert validate(tokenized([str(tmp_path / "dd")], _cfg(tiny_model_dir)), "t").rows == 2
+    (tmp_path / "mixed").mkdir()
+    datasets.Dataset.from_list([GOOD] * 3).save_to_disk(str(tmp_path / "mixed" / "saved"))
+    _write_jsonl(tmp_path / "mixed" / "extra.jsonl", [json.dumps(GOOD)] * 2)
+    assert validate(tokenized([str(tmp_path / "mixed")], _cfg(tiny_model_dir)), "t").rows == 5
+
+
+def test_weighted_mix_repeats_and_subsamples_deterministically(tmp_path, tiny_model_dir):
+    from sft_ray.data import splits
+    from sft_ray.sources import copies
+
+    def rows(name, n):
+        return [json.dumps({"prompt": f"{name}{i}", "completion": "x"}) for i in range(n)]
+
+    a = _write_jsonl(tmp_path / "a.jsonl", rows("a", 40))
+    b = _write_jsonl(tmp_path / "b.jsonl", rows("b", 40) + ['{"broken'])
+    cfg = _cfg(tiny_model_dir, f"data.train=[{a}, {b}]", f"data.weights={{{a}: 2, {b}: 0.25}}",
+               "data.on_bad_rows=skip")
+    train, _ = splits(cfg.data.train, [], cfg)
+    want_b = sum(copies(0.25, str(b), i, cfg.seed) for i in range(1, 41))
+    assert 3 <= want_b <= 20
+    st = validate(train, "train")
+    assert (st.rows, st.bad) == (80 + want_b, 1)  # a bad row is counted once, whatever its weight
+    seen = sorted((r["source"], r["row"]) for r in train.take_all() if not r["error"])
+    assert seen.count((str(a), 7)) == 2
+    assert seen == sorted((r["source"], r["row"]) for r in splits(cfg.data.train, [], cfg)[0].take_all()
+                          if not r["error"])
+    # with an eval fraction, only the train split is reweighted and the two splits never share a row
+    cfg = _cfg(tiny_model_dir, f"data.train=[{a}, {b}]", f"data.weights={{{a}: 3}}", "data.eval_fraction=0.25",
+               "data.on_bad_rows=skip")
+    tr, ev = splits(cfg.data.train, [], cfg)
+    held = [r for r in range(1, 41) if in_eval_split(str(a), r, cfg.seed, 0.25)]
+    ev_rows = [(r["source"], r["row"]) for r in ev.take_all() if not r["error"]]
+    tr_rows = [(r["source"], r["row"]) for r in tr.take_all() if not r["error"]]
+    assert sorted(r for s, r in ev_rows if s == str(a)) == held
+    assert len([1 for s, _ in tr_rows if s == str(a)]) == 3 * (40 - len(held))
+    assert not set(ev_rows) & set(tr_rows)
+
+
+def test_weights_must_name_train_specs():
+    from sft_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not in data.train"):
+        load_config(None, ["data.train=[a.jsonl]", "data.weights={b.jsonl: 2}"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config(None, ["data.train=[a.jsonl]", "data.weights={a.jsonl: 0}"])

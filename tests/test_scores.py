@@ -83,3 +83,19 @@ def first_char_match(pred: str, ref: str) -> float:
 def test_free_text_gets_f1_and_rouge():
     s = score(["the cat sat on the mat"], ["a cat sat on a mat today"])
     assert {"token_f1", "rouge_l"} <= set(s) and "json_match" not in s
+
+
+def test_eval_pairs_follow_the_eval_fraction_split(tmp_path):
+    import json
+
+    from sft_ray.data import in_eval_split
+    from sft_ray.evaluate import eval_pairs
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(300)))
+    pairs = eval_pairs([str(f)], "auto", {}, 1000, fraction_split=(5, 0.1))
+    rows = [int(p[-1]["content"][1:]) + 1 for p, _ in pairs]  # q{i} sits on line i+1
+    assert 10 < len(pairs) < 60
+    assert all(in_eval_split(str(f), r, 5, 0.1) for r in rows)
+    assert [ref for _, ref in pairs] == [f"a{r - 1}" for r in rows]
+    assert len(eval_pairs([str(f)], "auto", {}, 1000)) == 300

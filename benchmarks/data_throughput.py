@@ -1,0 +1,79 @@
+"""Data pipeline throughput: tokenize + mask N generated chat rows through the Ray Data pipeline and, in the
+same run, through `datasets.map(num_proc=2)` with the same tokenizer and the same per-row function.
+
+    .venv/bin/python benchmarks/data_throughput.py [--rows 100000] [--shards 4]
+
+Both start from the same JSONL shards and end with every row tokenized and masked (counted, not kept in the
+driver). Last line: JSON with rows/s for both and their ratio (Ray Data over datasets).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="config key=value for the Ray side, e.g. data.tokenize_cpus=1")
+    a = ap.parse_args()
+
+    import datasets
+
+    from sft_ray import data, synthetic
+    from sft_ray.config import load_config
+    from sft_ray.formats import to_example
+    from sft_ray.template import tokenize_example
+    from sft_ray.train import init_ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="sft-ray-databench-"))
+    rows = synthetic.generate(a.rows, seed=1)
+    per = (len(rows) + a.shards - 1) // a.shards
+    files = [str(synthetic.write_jsonl(rows[i * per:(i + 1) * per], tmp / f"part-{i}.jsonl")) for i in range(a.shards)]
+    cfg = load_config(None, [f"model.name={a.model}", "data.max_length=512", *a.overrides])
+    tok = data._tokenizer(cfg.model)  # the tokenizer both sides use (loaded once, outside the timings)
+
+    # 1. Ray Data: the pipeline the trainers read from
+    init_ray(cfg)
+    t0 = time.time()
+    n_ray = tokens_ray = 0
+    for b in data.trainable(data.tokenized(files, cfg), "error", cfg.data.tokenize_cpus).iter_batches(batch_size=4096, batch_format="numpy"):
+        n_ray += len(b["input_ids"])
+        tokens_ray += sum(len(x) for x in b["input_ids"])
+    ray_s = time.time() - t0
+
+    # 2. datasets.map(num_proc) with the same per-row function
+    def fn(batch, tok=tok, max_length=cfg.data.max_length):
+        out = {"input_ids": [], "labels": []}
+        for i in range(len(batch["messages"])):
+            t = tokenize_example(to_example({"messages": batch["messages"][i]}), tok, max_length)
+            out["input_ids"].append(t["input_ids"])
+            out["labels"].append(t["labels"])
+        return out
+
+    t0 = time.time()
+    d = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp / "hf-cache"))
+    d = d.map(fn, batched=True, batch_size=256, num_proc=a.num_proc, remove_columns=d.column_names,
+              load_from_cache_file=False)
+    n_hf = len(d)
+    tokens_hf = sum(len(x) for x in d["input_ids"])
+    hf_s = time.time() - t0
+
+    assert (n_ray, tokens_ray) == (n_hf, tokens_hf), ((n_ray, tokens_ray), (n_hf, tokens_hf))
+    print(f"rows {n_ray}, tokens {tokens_ray}")
+    print(f"ray data pipeline          : {ray_s:7.1f} s  {n_ray / ray_s:8.0f} rows/s")
+    print(f"datasets.map(num_proc={a.num_proc})   : {hf_s:7.1f} s  {n_hf / hf_s:8.0f} rows/s")
+    print(json.dumps({"ray_rows_per_s": round(n_ray / ray_s, 1), "datasets_rows_per_s": round(n_hf / hf_s, 1),
+                      "ratio_ray_vs_datasets": round(hf_s / ray_s, 3), "rows": n_ray}))
+
+
+if __name__ == "__main__":
+    main()
