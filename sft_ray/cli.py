@@ -37,7 +37,12 @@ def cmd_train(args) -> int:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.output_dir, "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (ray job stop, a scheduler): Ray Train stops the workers
+        say(f"stopped; the checkpoints in {cfg.storage_path}/{cfg.train.name} are kept: run the same command "
+            "to resume (train.resume=false starts over)")
+        return 130
     m = summary["metrics"]
     say(f"trained {summary['plan']['max_steps']} steps in {summary['train_seconds']}s "
         f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); "

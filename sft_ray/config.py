@@ -101,6 +101,8 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
     storage_path: str | None = Field(None, description="None = {output_dir}/ray; use NFS or s3:// on multi-node")
     resume: bool = True
+    trace_examples: bool = Field(False, description="debug: each rank appends the example ids of every step to "
+                                                    "{output_dir}/trace/rank{N}.jsonl (on the worker's node)")
     report_to: list[str] = Field(default_factory=list, description="[] = tensorboard when installed; e.g. [mlflow], [wandb], [none]")
 
     @field_validator("report_to", mode="before")
@@ -122,6 +124,25 @@ class DeepSpeedConfig(_Strict):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         return self
+
+
+class LoraSettings(_Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="'all-linear' or module names")
+    quantize_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (bitsandbytes); CUDA GPUs only")
+
+    @model_validator(mode="after")
+    def _qlora_needs_lora(self) -> "LoraSettings":
+        if self.quantize_4bit and not self.enabled:
+            raise ValueError("lora.quantize_4bit needs lora.enabled=true")
+        return self
+
+
+class ExportConfig(_Strict):
+    merge_lora: bool = Field(False, description="LoRA runs: also write the merged full model (adapter in model/adapter)")
 
 
 class EvalConfig(_Strict):
@@ -170,6 +191,8 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     output_dir: str = "runs/local"

@@ -172,13 +172,14 @@ def splits(train_specs: list[str], eval_specs: list[str], cfg):
     return tokenized(train_specs, cfg, weights=w), None
 
 
-def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5):
+def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = False):
     """Only the columns the trainer needs; under on_bad_rows=error a bad row stops the stream.
 
-    ``num_cpus`` should equal ``data.tokenize_cpus``: Ray Data then fuses this step into the tokenizer task."""
+    ``num_cpus`` should equal ``data.tokenize_cpus``: Ray Data then fuses this step into the tokenizer task.
+    ``with_ids`` adds ``example_id`` ("file:row") for tracing which examples each step trained on."""
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids, labels = [], []
+        ids, labels, keys = [], [], []
         for i in range(len(batch["error"])):
             if batch["error"][i]:
                 msg = f"{where(batch['source'][i], batch['row'][i])}: {batch['error'][i]}"
@@ -190,7 +191,8 @@ def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5):
                 continue
             ids.append(batch["input_ids"][i].tolist())
             labels.append(batch["labels"][i].tolist())
-        return {"input_ids": ids, "labels": labels}
+            keys.append(f"{batch['source'][i]}:{batch['row'][i]}")
+        return {"input_ids": ids, "labels": labels, **({"example_id": keys} if with_ids else {})}
 
     return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus)
 
@@ -288,7 +290,10 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int = 8) ->
         input_ids[i, :L] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         labels[i, :L] = torch.as_tensor(np.asarray(lab, dtype=np.int64))
         attn[i, :L] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
+    if "example_id" in batch:
+        out["example_id"] = [str(x) for x in batch["example_id"]]
+    return out
 
 
 def steps_per_epoch(rows: int, num_workers: int, batch_size: int, grad_accum: int) -> tuple[int, int]:

@@ -148,7 +148,7 @@ def choose_precision(requested: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def load_model(model_cfg, tok, precision: str = "fp32"):
+def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -156,6 +156,12 @@ def load_model(model_cfg, tok, precision: str = "fp32"):
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quantize_4bit:  # QLoRA: frozen NF4 base weights, computed in bf16
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     # Master weights stay fp32 for mixed precision; bf16/fp16 autocast is DeepSpeed's/Trainer's job.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     if len(tok) > model.config.get_text_config().vocab_size:  # not weight.shape: empty under ZeRO-3

@@ -77,6 +77,56 @@ def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: i
     return _Stream()
 
 
+def lora_export(adapter_dir: Path, cfg: Config, tok) -> Path:
+    """A LoRA run exports its adapter (pointing at the base model); with ``export.merge_lora`` the folder is
+    the merged full model instead, with the adapter kept in ``adapter/``."""
+    import json as _json
+
+    from sft_ray.modeling import resolve_model_path
+
+    base = resolve_model_path(cfg.model.name)
+    acfg = adapter_dir / "adapter_config.json"
+    a = _json.loads(acfg.read_text())
+    a["base_model_name_or_path"] = base  # where this run's base weights are, so the folder serves as is
+    acfg.write_text(_json.dumps(a, indent=2))
+    if not cfg.export.merge_lora:
+        return adapter_dir
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # training is over: without this, from_pretrained would see ZeRO-3 still configured and start a
+    # collective partitioned load on this one rank (a deadlock)
+    unset_hf_deepspeed_config()
+    merged_dir = adapter_dir.with_name(adapter_dir.name + "-merged")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(merged_dir), safe_serialization=True)
+    shutil.move(str(adapter_dir), str(merged_dir / "adapter"))
+    return merged_dir
+
+
+def check_checkpoint(path: Path, world: int, sharded: bool) -> int:
+    """The step of a complete training checkpoint; a clear error for one that is not.
+
+    Ray Train registers a checkpoint only after every rank's upload has finished, so an interrupted upload
+    is never handed back; this is the second line of defence (e.g. a hand-copied folder)."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        raise RuntimeError(f"checkpoint {path} is incomplete: no trainer_state.json")
+    step = int(json.loads(state.read_text())["global_step"])
+    if sharded:
+        shards = list(path.rglob("*optim_states.pt"))
+        if len(shards) != world:
+            raise RuntimeError(f"checkpoint {path} is incomplete: {len(shards)} optimizer shards for {world} workers "
+                               "(resume with the same train.num_workers it was written with)")
+    return step
+
+
 def _sample_rows(token: int):
     yield {"input_ids": [token, token], "labels": [token, token]}
 
@@ -91,8 +141,8 @@ def _make_trainer_class():
         The DataLoaders are not passed through accelerate: each Ray worker already holds its own shard.
         """
 
-        def __init__(self, *args, ray_train, ray_eval, **kwargs):
-            self._ray_train, self._ray_eval = ray_train, ray_eval
+        def __init__(self, *args, ray_train, ray_eval, trace=None, **kwargs):
+            self._ray_train, self._ray_eval, self._trace = ray_train, ray_eval, trace
             super().__init__(*args, **kwargs)
 
         def get_train_dataloader(self):
@@ -101,7 +151,27 @@ def _make_trainer_class():
         def get_eval_dataloader(self, eval_dataset=None):
             return torch.utils.data.DataLoader(self._ray_eval, batch_size=None)
 
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs.pop("example_id", None)
+            if ids is not None and self._trace is not None:
+                self._trace(self.state.global_step + 1, ids)
+            return super().training_step(model, inputs, *args, **kwargs)
+
     return RayDataSFTTrainer
+
+
+class ExampleTrace:
+    """Appends which examples each optimizer step trained on (``train.trace_examples``); one line per
+    micro-batch, tagged with this worker process's attempt, so a resumed run can be checked against an
+    uninterrupted one."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.attempt = path, f"{os.getpid()}-{time.time_ns()}"
+
+    def __call__(self, step: int, ids: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"attempt": self.attempt, "t": time.time(), "step": step, "ids": list(ids)}) + "\n")
 
 
 def _callbacks(rank: int, world: int, plan: Plan, counter: dict):
@@ -175,7 +245,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # Ray Train's worker root logger is at INFO; dill (via datasets fingerprinting) would dump bytecode there
-    for noisy in ("dill", "datasets", "deepspeed", "torch.distributed"):
+    for noisy in ("dill", "datasets", "deepspeed", "torch.distributed", "ray.train"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from sft_ray import deepspeed as ds_builder
@@ -207,6 +277,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(str(resume_dir)) if rank == 0 else None,
                              checkpoint_dir_name=FINAL_DIR)
             return
+        step = check_checkpoint(resume_dir, world, cfg.deepspeed.enabled and cfg.deepspeed.zero_stage > 0)
+        if rank == 0:
+            say(f"resuming from checkpoint at step {step} ({checkpoint.path})")
 
     tok = load_tokenizer(cfg.model)
     t = cfg.train
@@ -250,12 +323,20 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         log_level_replica="error",
         save_only_model=False,
     )
-    model = load_model(cfg.model, tok, precision)
+    model = load_model(cfg.model, tok, precision, cfg.lora.quantize_4bit)
+    peft_config = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
     counter = {"tokens": 0, "trained": 0}
     # SFTTrainer peeks at one row of train_dataset for its checks; the real data comes from the Ray shard
+    import datasets
     from datasets import Dataset
 
+    datasets.disable_caching()  # no fingerprint hashing (dill dumps bytecode into the worker log)
     sample = Dataset.from_dict({"input_ids": [[tok.eos_token_id] * 2], "labels": [[tok.eos_token_id] * 2]})
     train_stream = _batches(ray.train.get_dataset_shard("train"), t.per_device_batch_size, tok.pad_token_id,
                             plan.passes, cfg.data.shuffle_buffer, cfg.seed, counter)
@@ -263,9 +344,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                             cfg.seed, {"tokens": 0, "trained": 0}) if plan.has_eval else None)
     report = _callbacks(rank, world, plan, counter)
     trainer = _make_trainer_class()(
-        model=model, args=args, processing_class=tok, train_dataset=sample,
+        model=model, args=args, processing_class=tok, train_dataset=sample, peft_config=peft_config,
         eval_dataset=sample if eval_stream is not None else None, callbacks=[report],
         ray_train=train_stream, ray_eval=eval_stream,
+        trace=ExampleTrace(Path(loop_cfg["output_dir"], "trace", f"rank{rank}.jsonl")) if t.trace_examples else None,
     )
     trainer.remove_callback(__import__("transformers").PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
@@ -283,6 +365,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     # Export: every rank joins (the ZeRO-3 16-bit gather is collective); rank 0 writes the folder.
     export = local / "export"
     trainer.save_model(str(export))
+    if rank == 0 and cfg.lora.enabled:
+        export = lora_export(export, cfg, tok)
     if rank == 0:
         torch.save({"input_ids": probe_ids.cpu(), "logits": probe_logits}, export / PROBE_FILE)
         tok.save_pretrained(str(export))
@@ -301,12 +385,34 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (``ray job stop``, a scheduler) stops a driver like Ctrl-C does: Python unwinds, Ray shuts
+    down its workers, checkpoints stay. Installed after ``ray.init``, whose own handler aborts the process."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS), the configured one, or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
+    try:
+        _init_ray(cfg)
+    finally:
+        _sigterm_as_interrupt()
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning"}
     if "SFT_RAY_CACHE" in os.environ:
         env_vars["SFT_RAY_CACHE"] = os.environ["SFT_RAY_CACHE"]
@@ -332,6 +438,40 @@ def resolve_data(cfg: Config) -> tuple[list[str], list[str]]:
         train = [str(tr) if s == "generated" else s for s in train]
         evals = [str(ev) if s == "generated" else s for s in evals]
     return train, evals
+
+
+def check_storage_shared(storage: str) -> None:
+    """On a multi-node cluster every node must see ``storage_path`` (each rank uploads its own shards there,
+    and a restarted worker group may land on other nodes). URIs (s3://, gs://, ...) are shared by nature;
+    a local path is checked: a marker written here must be visible from a task on every node."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from sft_ray.config import ConfigError
+
+    if "://" in storage:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    marker = Path(storage, f".sft-ray-shared-{uuid.uuid4().hex}")
+    marker.write_text("ok\n")
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.exists)
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker)) for n in nodes]
+        missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(refs, timeout=120)) if not ok]
+    finally:
+        marker.unlink(missing_ok=True)
+    if missing:
+        raise ConfigError(
+            f"train.storage_path={storage} is not shared: node(s) {', '.join(missing)} cannot see it. On more "
+            "than one node, checkpoints must go where every node reads and writes the same files: object "
+            "storage (train.storage_path=s3://bucket/runs or gs://...) or an NFS mount at the same path everywhere"
+        )
 
 
 def plan_run(cfg: Config, train_stats, has_eval: bool) -> Plan:
@@ -399,12 +539,19 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"plan: {plan.max_steps} optimizer steps ({plan.steps_per_epoch}/epoch), {cfg.train.num_workers} workers "
         f"x batch {cfg.train.per_device_batch_size} x accum {cfg.train.grad_accum}")
 
+    check_storage_shared(cfg.storage_path)
     if not cfg.train.resume:
         _clear_run(cfg.storage_path, cfg.train.name)
     use_gpu = cfg.train.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    datasets = {"train": data.trainable(train_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus)}
+    if cfg.lora.quantize_4bit and not use_gpu:
+        from sft_ray.config import ConfigError
+
+        raise ConfigError("lora.quantize_4bit (QLoRA) needs CUDA GPUs: bitsandbytes' 4-bit kernels do not run on "
+                          "this cluster's CPUs. Use lora.quantize_4bit=false (LoRA on full-precision weights).")
+    datasets = {"train": data.trainable(train_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus,
+                                        with_ids=cfg.train.trace_examples)}
     if eval_tok is not None:  # small by nature: materialized once (in the object store), not re-tokenized per eval
         datasets["eval"] = data.trainable(eval_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus).materialize()
     trainer = TorchTrainer(
@@ -422,6 +569,7 @@ def run(cfg: Config) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
+        dataset_config=_ingest_config(),
     )
     t_train = time.time()
     result = trainer.fit()
@@ -441,6 +589,21 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _ingest_config():
+    """Deterministic shards: with order preserved, Ray Data's split hands each worker the same rows in the
+    same order on every attempt (it then ignores locality), so a resumed run skips exactly the batches the
+    checkpoint had consumed and trains on the rest, as an uninterrupted run would."""
+    import warnings
+
+    import ray.train
+
+    with warnings.catch_warnings():  # Ray's own defaults use a field it has deprecated
+        warnings.simplefilter("ignore")
+        opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(execution_options=opts)
 
 
 def export_final(checkpoint, dest: Path) -> Path:

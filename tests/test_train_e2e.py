@@ -97,3 +97,50 @@ def test_rerun_with_same_name_returns_finished_model(tmp_path, tiny_model_dir):
     _, fresh = _train(tmp_path, tiny_model_dir, 2, "data.generated_train_rows=32", "train.num_epochs=1",
                       "train.resume=false", "seed=7")
     assert (Path(fresh["model_dir"]) / "model.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_exports_adapter_and_merged_model(tmp_path, tiny_model_dir, stage):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sft_ray.modeling import load_for_inference
+
+    cfg, summary = _train(tmp_path, tiny_model_dir, stage, "lora.enabled=true", "lora.r=8", "lora.dropout=0",
+                          "export.merge_lora=true", "train.learning_rate=1e-2", "data.generated_train_rows=32")
+    model_dir = Path(summary["model_dir"])
+    losses = [h["loss"] for h in json.loads((model_dir / "train_history.json").read_text()) if "loss" in h]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+    # the adapter: only LoRA weights, every one real (under ZeRO-3 they are gathered), pointing at its base
+    adapter = model_dir / "adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights), list(weights)[:5]
+    assert all(t.numel() > 0 for t in weights.values())
+    assert any(k.endswith("lora_A.weight") and t.shape[0] == 8 for k, t in weights.items())
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == Path(tiny_model_dir)
+
+    # the merged folder reproduces the trained model's logits
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    probe = torch.load(model_dir / PROBE_FILE)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe["input_ids"]).logits, probe["logits"], rtol=1e-4, atol=1e-4)
+
+    # adapter-on-base and merged generate the same greedy text, which differs from the untouched base
+    def greedy(path):
+        model, tok = load_for_inference(str(path), float32=True)
+        enc = tok(tok.apply_chat_template([{"role": "user", "content": "Name a city."}], tokenize=False,
+                                          add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+        return out[0, enc["input_ids"].shape[1]:].tolist()
+
+    assert greedy(adapter) == greedy(model_dir) != greedy(tiny_model_dir)
+
+
+def test_qlora_on_a_cpu_cluster_is_a_clear_error(tmp_path, tiny_model_dir):
+    from sft_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="QLoRA.*needs CUDA GPUs"):
+        _train(tmp_path, tiny_model_dir, 2, "lora.enabled=true", "lora.quantize_4bit=true",
+               "data.generated_train_rows=8")
