@@ -245,8 +245,15 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # Ray Train's worker root logger is at INFO; dill (via datasets fingerprinting) would dump bytecode there
-    for noisy in ("dill", "datasets", "deepspeed", "torch.distributed", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    noisy = ["dill", "datasets", "deepspeed", "torch.distributed", "ray.train"]
+    try:  # Ray Train logs every report at INFO, under the module's *file path* as the logger name
+        from ray.train.v2._internal.execution import context as _ray_train_context
+
+        noisy.append(_ray_train_context.__file__)
+    except ImportError:
+        pass
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from sft_ray import deepspeed as ds_builder
     from sft_ray.modeling import choose_precision, load_model, load_tokenizer
@@ -352,7 +359,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     trainer.remove_callback(__import__("transformers").PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     final_metrics: dict[str, Any] = {**report.latest, "step": trainer.state.global_step}
-    if eval_stream is not None:
+    evaluated_last_step = bool(eval_steps) and trainer.state.global_step % eval_steps == 0 \
+        and "eval_loss" in report.latest
+    if eval_stream is not None and not evaluated_last_step:  # (the last step's eval is the final one)
         final_metrics.update(trainer.evaluate())
 
     # Logits of the trained model on a fixed probe, kept beside the export so anyone can check that the
