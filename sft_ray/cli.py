@@ -34,6 +34,9 @@ def cmd_train(args) -> int:
     from sft_ray.train import run, say
 
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray starts, on any bad key
+    from sft_ray.modeling import resolve_model_path
+
+    resolve_model_path(cfg.model.name)  # and on a model folder that is not there
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.output_dir, "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()

@@ -90,7 +90,11 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    return str(embedded_model_dir()) if name == EMBEDDED else name
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"model.name={name}: no such folder (a local path; a Hub id looks like org/name)")
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def ensure_chat_template(tok, template: str | None = None) -> bool:

@@ -80,8 +80,11 @@ def _worker_pids() -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("uninterrupted")
-    proc = _start(_cmd(out, tiny_model_dir), out / "log.txt")
+    # checkpoints through a URI (pyarrow's filesystem layer, as for s3:// and gs://)
+    proc = _start(_cmd(out, tiny_model_dir, f"train.storage_path=file://{out}/store"), out / "log.txt")
     _finish(proc, out / "log.txt")
+    kept = sorted(p.name for p in (out / "store" / "ft").glob("checkpoint-*"))
+    assert kept == ["checkpoint-0000009", "checkpoint-0000012"], kept  # train.keep_checkpoints=2
     losses, trace = _losses(out), _trace(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert sorted(trace) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
