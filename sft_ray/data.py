@@ -35,7 +35,8 @@ def where(source: str, row: int) -> str:
     return f"{source} {unit} {row}" if row else source
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_DRIVER_TOKENIZERS: dict[str, Any] = {}  # model config JSON -> tokenizer, in the process that builds the pipeline
+_TASK_TOKENIZER: dict[str, Any] = {}  # object ref hex -> tokenizer, in a Ray Data worker process (one at a time)
 
 
 def _tokenizer(model_cfg) -> Any:
@@ -43,9 +44,9 @@ def _tokenizer(model_cfg) -> Any:
     from sft_ray.modeling import load_tokenizer
 
     key = model_cfg.model_dump_json()
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(model_cfg)
-    return _TOKENIZERS[key]
+    if key not in _DRIVER_TOKENIZERS:
+        _DRIVER_TOKENIZERS[key] = load_tokenizer(model_cfg)
+    return _DRIVER_TOKENIZERS[key]
 
 
 def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) -> dict[str, list]:
@@ -57,10 +58,10 @@ def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) 
     from sft_ray.config import DataConfig
 
     key = tok_ref[0].hex()
-    if key not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[key] = ray.get(tok_ref[0])
-    return tokenize_batch(batch, _TOKENIZERS[key], DataConfig.model_validate(data_cfg))
+    if key not in _TASK_TOKENIZER:
+        _TASK_TOKENIZER.clear()
+        _TASK_TOKENIZER[key] = ray.get(tok_ref[0])
+    return tokenize_batch(batch, _TASK_TOKENIZER[key], DataConfig.model_validate(data_cfg))
 
 
 def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
@@ -129,24 +130,25 @@ def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[flo
     """Dataset of tokenized rows (bad and dropped rows still present, flagged) for ``specs``.
 
     ``weights`` (train data only) repeat or subsample each spec's rows; the eval split is never reweighted."""
+    import ray
+
     from sft_ray import sources
 
     quiet_ray_data()
-
-    ds = sources.read(specs, weights if split != "eval" else None)
+    if split == "eval":
+        weights = None
+    ds = sources.read(specs, weights)
     if split is not None:
         frac, seed = cfg.data.eval_fraction, cfg.seed
         want_eval = split == "eval"
         ds = ds.filter(lambda r: in_eval_split(r["source"], r["row"], seed, frac) == want_eval)
-    import ray
-
     ds = ds.map_batches(
         _tokenize_task,  # the ref is wrapped in a list so that Ray passes it on instead of resolving it per task
         fn_kwargs={"tok_ref": [ray.put(_tokenizer(cfg.model))], "data_cfg": cfg.data.model_dump()},
         batch_size=256,
         num_cpus=cfg.data.tokenize_cpus,
     )
-    if weights is not None and split != "eval" and any(w != 1.0 for w in weights):
+    if weights is not None and any(w != 1.0 for w in weights):
         ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="numpy", num_cpus=cfg.data.tokenize_cpus)
     return ds
 

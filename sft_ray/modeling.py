@@ -193,7 +193,7 @@ def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: st
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() and not float32 else torch.float32
@@ -209,11 +209,21 @@ def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: st
     tok = AutoTokenizer.from_pretrained(model_dir if has_tok else weights_from, trust_remote_code=trust_remote_code)
     ensure_chat_template(tok)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(weights_from, dtype=dtype, trust_remote_code=trust_remote_code)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:  # ChatML tokens added to a base model
+    model = load_merged(weights_from, model_dir if weights_from != model_dir else None, tok, dtype,
+                        trust_remote_code)
+    return model.to(device).eval(), tok
+
+
+def load_merged(base: str, adapter_dir: str | None, tok, dtype, trust_remote_code: bool = False):
+    """``base`` with its embeddings sized to ``tok`` (ChatML tokens added to a base model), and the LoRA
+    adapter in ``adapter_dir`` merged in when there is one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
-    if weights_from != model_dir:
+    if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
-    return model.to(device).eval(), tok
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model

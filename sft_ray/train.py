@@ -80,31 +80,23 @@ def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: i
 def lora_export(adapter_dir: Path, cfg: Config, tok) -> Path:
     """A LoRA run exports its adapter (pointing at the base model); with ``export.merge_lora`` the folder is
     the merged full model instead, with the adapter kept in ``adapter/``."""
-    import json as _json
-
-    from sft_ray.modeling import resolve_model_path
+    from sft_ray.modeling import load_merged, resolve_model_path
 
     base = resolve_model_path(cfg.model.name)
     acfg = adapter_dir / "adapter_config.json"
-    a = _json.loads(acfg.read_text())
+    a = json.loads(acfg.read_text())
     a["base_model_name_or_path"] = base  # where this run's base weights are, so the folder serves as is
-    acfg.write_text(_json.dumps(a, indent=2))
+    acfg.write_text(json.dumps(a, indent=2))
     if not cfg.export.merge_lora:
         return adapter_dir
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # training is over: without this, from_pretrained would see ZeRO-3 still configured and start a
     # collective partitioned load on this one rank (a deadlock)
     unset_hf_deepspeed_config()
     merged_dir = adapter_dir.with_name(adapter_dir.name + "-merged")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = load_merged(base, str(adapter_dir), tok, torch.float32, cfg.model.trust_remote_code)
     merged.save_pretrained(str(merged_dir), safe_serialization=True)
     shutil.move(str(adapter_dir), str(merged_dir / "adapter"))
     return merged_dir
@@ -125,10 +117,6 @@ def check_checkpoint(path: Path, world: int, sharded: bool) -> int:
             raise RuntimeError(f"checkpoint {path} is incomplete: {len(shards)} optimizer shards for {world} workers "
                                "(resume with the same train.num_workers it was written with)")
     return step
-
-
-def _sample_rows(token: int):
-    yield {"input_ids": [token, token], "labels": [token, token]}
 
 
 def _make_trainer_class():
