@@ -49,6 +49,9 @@ class DataConfig(_Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="rename source columns, e.g. {question: prompt}")
     max_length: int = Field(1024, gt=8)
     too_long: Literal["truncate", "drop"] = "truncate"
+    packing: bool = Field(False, description="pack rows into max_length bins (best-fit decreasing); attention and "
+                                             "positions stay per sequence. train.per_device_batch_size then counts bins")
+    pack_window: int = Field(1024, gt=0, description="rows packed together (per worker); larger packs tighter")
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     on_bad_rows: Literal["error", "skip"] = "error"
     validate_first: bool = Field(True, description="count rows/tokens and check every row before training")
@@ -94,6 +97,10 @@ class TrainConfig(_Strict):
     cpus_per_worker: int = Field(1, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    liger_kernel: bool = Field(False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+                                                   "cross-entropy): CUDA GPUs, pip install 'sft-ray[liger]'")
+    fused_lm_head: bool | Literal["auto"] = Field(
+        "auto", description="TRL's chunked LM-head loss (no full logits in memory); auto = on GPUs, off on CPUs")
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)

@@ -209,6 +209,7 @@ class DataStats:
     trained_tokens: int = 0
     max_len: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
+    length_hist: list[int] = field(default_factory=list)  # rows per 8-token bucket: [0, 8), [8, 16), ...
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -255,6 +256,7 @@ def validate(ds, name: str) -> DataStats:
     if hist.sum():
         cdf = np.cumsum(hist) / hist.sum()
         st.length_percentiles = {f"p{q}": int((np.searchsorted(cdf, q / 100) + 1) * 8) for q in (50, 90, 99)}
+        st.length_hist = np.trim_zeros(hist, "b").tolist()
     log.info("%s data: %s", name, st.summary())
     return st
 
@@ -298,8 +300,18 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int = 8) ->
     return out
 
 
-def steps_per_epoch(rows: int, num_workers: int, batch_size: int, grad_accum: int) -> tuple[int, int]:
-    """Optimizer steps per epoch and rows per worker (Ray's equal split gives each worker rows // workers)."""
+def steps_per_epoch(rows: int, num_workers: int, batch_size: int, grad_accum: int,
+                    bins_per_row: float | None = None) -> tuple[int, int]:
+    """Optimizer steps per epoch and rows per worker (Ray's equal split gives each worker rows // workers).
+    With packing, a batch holds ``batch_size`` bins and a row fills ``bins_per_row`` of a bin."""
     per_worker = rows // num_workers
-    batches = math.ceil(per_worker / batch_size)
+    units = math.ceil(per_worker * bins_per_row) if bins_per_row is not None else per_worker
+    batches = math.ceil(units / batch_size)
     return batches // grad_accum, per_worker
+
+
+def lengths_from_hist(hist: list[int], max_length: int) -> np.ndarray:
+    """Row lengths (bucket midpoints) recreated from the validation pass's 8-token histogram."""
+    counts = np.asarray(hist, dtype=np.int64)
+    mids = np.minimum(np.arange(len(counts)) * 8 + 4, max_length)
+    return np.repeat(mids, counts)

@@ -46,31 +46,46 @@ class Plan:
     rows_per_worker: int
     passes: int
     has_eval: bool
+    bins_per_row: float | None = None  # packing: expected bins per row (sets the steps of an epoch)
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: int, seed: int, counter: dict):
-    """Iterable of padded torch batches over ``passes`` epochs of a Ray Data shard (one long stream,
-    so gradient accumulation never straddles an epoch boundary awkwardly)."""
+def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: int, seed: int, counter: dict,
+             pack: dict | None = None):
+    """Iterable of torch batches over ``passes`` epochs of a Ray Data shard (one long stream, so gradient
+    accumulation never straddles an epoch boundary awkwardly).
+
+    ``pack`` ({capacity, window, flat}): rows are packed, window by window, into bins of ``capacity`` tokens
+    and ``batch_size`` bins make a batch; the stream then repeats its shard until the Trainer stops at
+    max_steps, because the number of bins is known only approximately in advance."""
+    import itertools
     from functools import partial
 
     import torch
 
     from sft_ray.data import pad_collate
+    from sft_ray.packing import pack_stream, packed_collate
+
+    def epoch_batches(epoch: int):
+        """(batch, real tokens) pairs of one pass over the shard."""
+        shuffle = {"local_shuffle_buffer_size": shuffle_buffer or None,
+                   "local_shuffle_seed": (seed + epoch) if shuffle_buffer else None}
+        if pack is None:
+            for b in shard.iter_torch_batches(batch_size=batch_size, collate_fn=partial(pad_collate, pad_id=pad_id),
+                                              prefetch_batches=2, **shuffle):
+                yield b, int(b["attention_mask"].sum())
+            return
+        windows = shard.iter_batches(batch_size=pack["window"], batch_format="numpy", prefetch_batches=1, **shuffle)
+        for bins in pack_stream(windows, pack["capacity"], batch_size):
+            yield packed_collate(bins, pad_id, flat=pack["flat"]), sum(len(s["input_ids"]) for b in bins for s in b)
 
     class _Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
-            for epoch in range(passes):
-                for batch in shard.iter_torch_batches(
-                    batch_size=batch_size,
-                    collate_fn=partial(pad_collate, pad_id=pad_id),
-                    local_shuffle_buffer_size=shuffle_buffer or None,
-                    local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
-                    prefetch_batches=2,
-                ):
-                    counter["tokens"] += int(batch["attention_mask"].sum())
+            for epoch in (itertools.count() if pack else range(passes)):
+                for batch, real in epoch_batches(epoch):
+                    counter["tokens"] += real
                     counter["trained"] += int((batch["labels"] != -100).sum())
                     yield batch
 
@@ -129,9 +144,20 @@ def _make_trainer_class():
         The DataLoaders are not passed through accelerate: each Ray worker already holds its own shard.
         """
 
-        def __init__(self, *args, ray_train, ray_eval, trace=None, **kwargs):
+        def __init__(self, *args, ray_train, ray_eval, trace=None, fused_lm_head=True, **kwargs):
             self._ray_train, self._ray_eval, self._trace = ray_train, ray_eval, trace
+            self._fused_lm_head = fused_lm_head
             super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """TRL's fused (chunked fp32) LM-head loss saves the memory of the full logits, which matters on GPUs
+            with big vocabularies; on CPUs the model's own loss ran ~1.5x faster (docs/benchmarks.md)."""
+            if self._fused_lm_head:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from transformers import Trainer
+
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def get_train_dataloader(self):
             return torch.utils.data.DataLoader(self._ray_train, batch_size=None)
@@ -251,9 +277,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     precision = choose_precision(cfg.train.precision)
+    fused = on_gpu if cfg.train.fused_lm_head == "auto" else cfg.train.fused_lm_head
     if rank == 0:
         say(f"worker: {'cuda' if on_gpu else 'cpu'}, precision {precision}, {world} workers, "
-            f"torch threads {torch.get_num_threads()}, ZeRO {cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 'off'}")
+            f"torch threads {torch.get_num_threads()}, ZeRO {cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 'off'}, "
+            f"loss {'fused LM head (TRL)' if fused else 'model'}")
 
     if cfg.deepspeed.enabled:
         import deepspeed
@@ -298,6 +326,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
+        use_liger_kernel=t.liger_kernel,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -333,8 +362,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
     datasets.disable_caching()  # no fingerprint hashing (dill dumps bytecode into the worker log)
     sample = Dataset.from_dict({"input_ids": [[tok.eos_token_id] * 2], "labels": [[tok.eos_token_id] * 2]})
+    pack = None
+    if cfg.data.packing:  # flash-attention's varlen kernels take one padding-free row; sdpa/eager a row per bin
+        pack = {"capacity": cfg.data.max_length, "window": cfg.data.pack_window,
+                "flat": "flash" in (cfg.model.attn_implementation or "")}
     train_stream = _batches(ray.train.get_dataset_shard("train"), t.per_device_batch_size, tok.pad_token_id,
-                            plan.passes, cfg.data.shuffle_buffer, cfg.seed, counter)
+                            plan.passes, cfg.data.shuffle_buffer, cfg.seed, counter, pack)
     eval_stream = (_batches(ray.train.get_dataset_shard("eval"), t.per_device_batch_size, tok.pad_token_id, 1, 0,
                             cfg.seed, {"tokens": 0, "trained": 0}) if plan.has_eval else None)
     report = _callbacks(rank, world, plan, counter)
@@ -343,6 +376,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         eval_dataset=sample if eval_stream is not None else None, callbacks=[report],
         ray_train=train_stream, ray_eval=eval_stream,
         trace=ExampleTrace(Path(loop_cfg["output_dir"], "trace", f"rank{rank}.jsonl")) if t.trace_examples else None,
+        fused_lm_head=fused,
     )
     trainer.remove_callback(__import__("transformers").PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
@@ -351,6 +385,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         and "eval_loss" in report.latest
     if eval_stream is not None and not evaluated_last_step:  # (the last step's eval is the final one)
         final_metrics.update(trainer.evaluate())
+
+    final_metrics.update(_peak_memory(world))
 
     # Logits of the trained model on a fixed probe, kept beside the export so anyone can check that the
     # exported folder reproduces the trained model (a ZeRO-3 export with missing gathers would not).
@@ -377,6 +413,25 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                      checkpoint=ray.train.Checkpoint.from_directory(str(export)) if rank == 0 else None,
                      checkpoint_dir_name=FINAL_DIR)
     shutil.rmtree(local, ignore_errors=True)
+
+
+def _peak_memory(world: int) -> dict[str, list[float]]:
+    """Peak memory of every worker (MiB): process RSS, and CUDA allocations on GPU; all ranks take part."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    mine = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "cuda": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
+    every = [mine]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    out = {"peak_rss_mib_per_worker": [round(m["rss"], 1) for m in every]}
+    if torch.cuda.is_available():
+        out["peak_cuda_mib_per_worker"] = [round(m["cuda"], 1) for m in every]
+    return out
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -472,19 +527,40 @@ def check_storage_shared(storage: str) -> None:
 
 
 def plan_run(cfg: Config, train_stats, has_eval: bool) -> Plan:
-    from sft_ray.data import DataError, steps_per_epoch
+    from sft_ray.data import DataError, lengths_from_hist, steps_per_epoch
+    from sft_ray.packing import expected_bins
 
     t = cfg.train
-    spe, per_worker = steps_per_epoch(train_stats.rows, t.num_workers, t.per_device_batch_size, t.grad_accum)
+    bins_per_row = None
+    if cfg.data.packing:
+        bins_per_row = expected_bins(lengths_from_hist(train_stats.length_hist, cfg.data.max_length),
+                                     cfg.data.max_length, cfg.data.pack_window, seed=cfg.seed)
+    spe, per_worker = steps_per_epoch(train_stats.rows, t.num_workers, t.per_device_batch_size, t.grad_accum,
+                                      bins_per_row)
     if spe == 0 and t.max_steps is None:
+        unit = "packed bins" if bins_per_row is not None else "rows"
         raise DataError(
             f"{train_stats.rows} training rows are too few for {t.num_workers} workers x batch "
-            f"{t.per_device_batch_size} x grad_accum {t.grad_accum}: not one optimizer step per epoch"
+            f"{t.per_device_batch_size} {unit} x grad_accum {t.grad_accum}: not one optimizer step per epoch"
         )
     max_steps = t.max_steps or max(1, math.floor(t.num_epochs * spe))
     passes = math.ceil(max_steps / spe) if spe else max_steps  # enough passes over the data for max_steps
     return Plan(max_steps=max_steps, steps_per_epoch=spe, rows=train_stats.rows, rows_per_worker=per_worker,
-                passes=passes, has_eval=has_eval)
+                passes=passes, has_eval=has_eval, bins_per_row=bins_per_row)
+
+
+def check_gpu_only_options(cfg: Config, use_gpu: bool) -> None:
+    """Options whose kernels exist only for CUDA: refused up front on a CPU cluster, with what to do instead."""
+    from sft_ray.config import ConfigError
+
+    if use_gpu:
+        return
+    if cfg.lora.quantize_4bit:
+        raise ConfigError("lora.quantize_4bit (QLoRA) needs CUDA GPUs: bitsandbytes' 4-bit kernels do not run on "
+                          "this cluster's CPUs. Use lora.quantize_4bit=false (LoRA on full-precision weights).")
+    if cfg.train.liger_kernel:
+        raise ConfigError("train.liger_kernel needs CUDA GPUs (Liger's kernels are Triton); this cluster has none. "
+                          "Use train.liger_kernel=false.")
 
 
 def _clear_run(storage: str, name: str) -> None:
@@ -542,11 +618,7 @@ def run(cfg: Config) -> dict[str, Any]:
     use_gpu = cfg.train.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    if cfg.lora.quantize_4bit and not use_gpu:
-        from sft_ray.config import ConfigError
-
-        raise ConfigError("lora.quantize_4bit (QLoRA) needs CUDA GPUs: bitsandbytes' 4-bit kernels do not run on "
-                          "this cluster's CPUs. Use lora.quantize_4bit=false (LoRA on full-precision weights).")
+    check_gpu_only_options(cfg, bool(use_gpu))
     datasets = {"train": data.trainable(train_tok, cfg.data.on_bad_rows, cfg.data.tokenize_cpus,
                                         with_ids=cfg.train.trace_examples)}
     if eval_tok is not None:  # small by nature: materialized once (in the object store), not re-tokenized per eval

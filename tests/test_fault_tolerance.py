@@ -29,7 +29,8 @@ def _cmd(out: Path, tiny_model_dir, *extra):
             f"model.name={tiny_model_dir}", f"output_dir={out}", "train.name=ft", "data.generated_train_rows=96",
             "data.generated_eval_rows=8", "train.per_device_batch_size=4", f"train.max_steps={STEPS}",
             f"train.save_steps={SAVE}", "train.eval_steps=100", "train.learning_rate=3e-3", "train.warmup_ratio=0",
-            "train.trace_examples=true", "eval.enabled=false", "train.keep_checkpoints=2", *extra]
+            "train.trace_examples=true", "eval.enabled=false", "train.keep_checkpoints=2",
+            "deepspeed.zero_stage=2", "data.packing=false", "train.precision=fp32", *extra]
 
 
 def _start(cmd, log: Path):
@@ -121,7 +122,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_model_dir,
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     resumed = int(text.split("resuming from checkpoint at step ")[-1].split()[0])
-    assert resumed >= 2 * SAVE, text[-3000:]
+    # checkpoint 6 if the controller had registered it before the kill, else 3 (on a fast machine the kill can
+    # land between the workers' report and its registration); either way the run must finish as if uninterrupted
+    assert resumed in (SAVE, 2 * SAVE), text[-3000:]
     _check_resumed(tmp_path, reference, resumed)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["train_seconds"] > 0

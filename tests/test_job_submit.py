@@ -37,6 +37,7 @@ def test_job_submit_trains_and_exports(cluster, tmp_path, tiny_model_dir):
         "python", "jobs/sft.py", "--config", "jobs/configs/local-cpu.yaml",
         f"model.name={tiny_model_dir}", f"output_dir={out}", "data.generated_train_rows=32",
         "data.generated_eval_rows=8", "train.per_device_batch_size=4", "train.save_steps=2", "eval.enabled=false",
+        "data.packing=false",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
