@@ -7,6 +7,10 @@ budget). Each run is a fresh process so that its peak memory is its own. Through
 second of the training loop (first step to last: model loading and export are outside it on both sides);
 the wall time of the whole run is printed beside it. Then sft-ray alone with 2 workers at ZeRO-0, 2 and 3
 for peak memory per worker. The last line is JSON with the ratios.
+
+Other plain-TRL layouts (the survey in docs/benchmarks.md) can be run as extra TRL legs by name:
+TRL_VARIANTS='{"bf16_bs2x4": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}' and
+``--child trl bf16_bs2x4 DATA.jsonl``.
 """
 
 from __future__ import annotations

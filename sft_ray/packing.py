@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from sft_ray.template import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -67,6 +67,7 @@ def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: i
 
     from sft_ray.data import pad_collate
     from sft_ray.packing import pack_stream, packed_collate
+    from sft_ray.template import IGNORE_INDEX
 
     def epoch_batches(epoch: int):
         """(batch, real tokens) pairs of one pass over the shard."""
@@ -86,7 +87,7 @@ def _batches(shard, batch_size: int, pad_id: int, passes: int, shuffle_buffer: i
             for epoch in (itertools.count() if pack else range(passes)):
                 for batch, real in epoch_batches(epoch):
                     counter["tokens"] += real
-                    counter["trained"] += int((batch["labels"] != -100).sum())
+                    counter["trained"] += int((batch["labels"] != IGNORE_INDEX).sum())
                     yield batch
 
     return _Stream()
