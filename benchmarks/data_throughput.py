@@ -32,7 +32,7 @@ def main() -> None:
     from sft_ray.config import load_config
     from sft_ray.formats import to_example
     from sft_ray.template import tokenize_example
-    from sft_ray.train import init_ray
+    from sft_ray.cluster import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="sft-ray-databench-"))
     rows = synthetic.generate(a.rows, seed=1)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from sft_ray.config import ConfigError, dump_config, load_config
+from sft_ray.config import ConfigError, load_config
 
 
 def _quiet() -> None:
@@ -31,14 +31,13 @@ def _quiet() -> None:
 
 
 def cmd_train(args) -> int:
-    from sft_ray.train import run, say
+    from sft_ray.cluster import say
+    from sft_ray.train import run
 
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray starts, on any bad key
     from sft_ray.modeling import resolve_model_path
 
     resolve_model_path(cfg.model.name)  # and on a model folder that is not there
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_dir, "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     try:
         summary = run(cfg)
@@ -47,9 +46,10 @@ def cmd_train(args) -> int:
             "to resume (train.resume=false starts over)")
         return 130
     m = summary["metrics"]
-    say(f"trained {summary['plan']['max_steps']} steps in {summary['train_seconds']}s "
-        f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); "
-        f"model at {summary['model_dir']}")
+    when = "earlier (this run had already finished)" if summary.get("resumed_finished_run") else \
+        f"in {summary['train_seconds']}s"
+    say(f"trained {m.get('step', summary['plan']['max_steps'])} steps {when} (final loss "
+        f"{m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); model at {summary['model_dir']}")
     summary["config"] = cfg.model_dump(mode="json")
     if cfg.eval.enabled:
         summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)
@@ -65,7 +65,7 @@ def _serve_forever(model_dir: str, cfg) -> int:
     from ray import serve
 
     from sft_ray import serve as sft_serve
-    from sft_ray.train import say
+    from sft_ray.cluster import say
 
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
     if cfg.serve.api_key_env and not key:
@@ -95,8 +95,9 @@ def cmd_serve(args) -> int:
 
 def _evaluate(cfg, model_dir: str, summary: dict | None = None) -> dict:
     from sft_ray import evaluate
+    from sft_ray.cluster import init_ray, say
     from sft_ray.modeling import resolve_model_path
-    from sft_ray.train import init_ray, resolve_data, say
+    from sft_ray.train import resolve_data
 
     init_ray(cfg)
     _, eval_specs = resolve_data(cfg)
@@ -130,8 +131,9 @@ def cmd_data_preview(args) -> int:
     """Rendered examples with the trained tokens marked, plus counts; or --json rows as the trainer sees them."""
     from sft_ray import data
     from sft_ray.modeling import load_tokenizer
+    from sft_ray.cluster import init_ray
     from sft_ray.template import IGNORE_INDEX
-    from sft_ray.train import init_ray, resolve_data
+    from sft_ray.train import resolve_data
 
     cfg = load_config(args.config, args.overrides)
     train_specs, eval_specs = resolve_data(cfg)
@@ -139,6 +141,10 @@ def cmd_data_preview(args) -> int:
     ds = data.splits(train_specs, eval_specs, cfg)[1 if args.split == "eval" else 0]
     if ds is None:
         raise ConfigError("no eval data configured (set data.eval or data.eval_fraction)")
+    ds = ds.materialize()  # one tokenization for the rows shown and the counts
+    st = data.validate(ds, args.split)
+    if st.rows == 0:  # nothing to show: say which files, and fail
+        data.check(st, args.split, "skip", eval_specs if args.split == "eval" and eval_specs else train_specs)
     rows = data.trainable(ds, cfg.data.on_bad_rows, cfg.data.tokenize_cpus)
     if args.json:
         it = rows.iter_rows() if args.n == 0 else rows.limit(args.n).iter_rows()
@@ -161,7 +167,6 @@ def cmd_data_preview(args) -> int:
             out.append(off)
         sys.stdout.write(f"--- example {i + 1} ({len(r['input_ids'])} tokens; trained tokens between {on}{off}) ---\n")
         sys.stdout.write("".join(out) + "\n")
-    st = data.validate(ds, args.split)
     sys.stdout.write(f"--- {args.split} data: {st.summary()}\n")
     for err in st.errors:
         sys.stdout.write(f"  bad row: {err}\n")
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     from sft_ray.data import DataError
     from sft_ray.modeling import ModelError
+    from sft_ray.plan import PlanError
     from sft_ray.sources import SourceError
 
     try:
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"sft-ray: {e}\n")
         return 2
-    except (DataError, SourceError, ModelError) as e:  # the user's data or model, not a bug: no traceback
+    except (DataError, SourceError, ModelError, PlanError) as e:  # the user's data or model, not a bug: no traceback
         sys.stderr.write(f"sft-ray: {e}\n")
         return 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 SEED_PROBES = [
     "Give me an 1-sentence introduction of LLM.",
@@ -39,8 +39,12 @@ class ModelConfig(_Strict):
     attn_implementation: str | None = Field(None, description="None = transformers' default (sdpa)")
 
 
+DEFAULT_EVAL_FRACTION = 0.1
+
+
 class DataConfig(_Strict):
-    train: list[str] = Field(default_factory=lambda: ["generated"], description="files, dirs, globs, URIs; 'generated' = the built-in task")
+    train: list[str] = Field(default_factory=lambda: ["generated"],
+                             description="files, dirs, globs, URIs, hf:...; 'generated[:TASK]' = a built-in task")
     eval: list[str] = Field(default_factory=list)
     weights: dict[str, float] = Field(
         default_factory=dict, description="mix: {train spec: weight}; 2 = every row twice, 0.5 = half the rows")
@@ -49,12 +53,15 @@ class DataConfig(_Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="rename source columns, e.g. {question: prompt}")
     max_length: int = Field(1024, gt=8)
     too_long: Literal["truncate", "drop"] = "truncate"
-    packing: bool = Field(False, description="pack rows into max_length bins (best-fit decreasing); attention and "
-                                             "positions stay per sequence. train.per_device_batch_size then counts bins")
-    pack_window: int = Field(1024, gt=0, description="rows packed together (per worker); larger packs tighter")
+    packing: bool = Field(False, description="lay each micro-batch's rows out in max_length bins instead of padded "
+                                             "lines (attention and positions stay per sequence); rows per step unchanged")
+    shuffle: Literal["global", "stream"] = Field(
+        "global", description="global: a seeded global order, prepared before training; stream: file order with "
+                              "a local buffer, read while training (for data too large to hold)")
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     on_bad_rows: Literal["error", "skip"] = "error"
-    validate_first: bool = Field(True, description="count rows/tokens and check every row before training")
+    validate_first: bool = Field(True, description="data.shuffle=stream: count and check every row before training "
+                                                   "(global order always does)")
     template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false} for Qwen3")
     shuffle_buffer: int = Field(1000, ge=0)
     tokenize_cpus: float = Field(0.5, gt=0, description="CPUs per tokenizer task")
@@ -67,6 +74,13 @@ class DataConfig(_Strict):
         if isinstance(v, str):
             return [v]
         return [] if v is None else v
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataConfig":
+        if self.eval and self.eval_fraction > 0:
+            raise ValueError(f"data.eval ({self.eval}) and data.eval_fraction ({self.eval_fraction}) are both set: "
+                             "evaluate on the named files or on a held-out fraction of the train data, not both")
+        return self
 
     @model_validator(mode="after")
     def _weights_name_train_specs(self) -> "DataConfig":
@@ -205,6 +219,12 @@ class Config(_Strict):
     output_dir: str = "runs/local"
     seed: int = 42
     ray_address: str | None = Field(None, description="None: join RAY_ADDRESS/a running cluster, else start local Ray")
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading the config decided on the user's behalf (printed at the start of a run)."""
+        return self._notes
 
     @property
     def storage_path(self) -> str:
@@ -304,7 +324,47 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         source = str(p)
     if overrides:
         source += " + overrides " + " ".join(overrides)
-    return build_config(apply_overrides(raw, overrides or []), source)
+    merged = apply_overrides(raw, overrides or [])
+    note = _eval_follows_train(raw, merged, overrides or [])
+    cfg = build_config(merged, source)
+    if note:
+        cfg._notes.append(note)
+    return cfg
+
+
+def _eval_follows_train(raw: dict[str, Any], merged: dict[str, Any], overrides: list[str]) -> str | None:
+    """A config file's eval data belongs to its train data: when an override replaces ``data.train`` and
+    names neither ``data.eval`` nor ``data.eval_fraction``, the file's ``data.eval`` is not kept. A built-in
+    task is evaluated on its own held-out split; other data on a seeded fraction of itself."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    file_data = raw.get("data") or {}
+    data = merged.get("data") or {}
+    if keys & {"data.eval", "data"} or not file_data.get("eval"):
+        return None
+    if "data.eval_fraction" in keys:
+        if not data.get("eval_fraction"):
+            return None
+        data["eval"] = []
+        return (f"data.eval_fraction={data['eval_fraction']} given: it replaces the config file's data.eval "
+                f"{file_data.get('eval')}")
+    try:
+        same_train = (DataConfig(train=data.get("train")).train
+                      == DataConfig(train=file_data.get("train", ["generated"])).train)
+    except Exception:  # validation will say what is wrong with it
+        return None
+    if "data.train" not in keys or same_train:
+        return None
+    train = DataConfig(train=data["train"]).train
+    if all(s == "generated" or s.startswith("generated:") for s in train):
+        data["eval"] = list(train)
+        return (f"data.train was overridden without data.eval: evaluating on the held-out split of {train} "
+                f"instead of the config file's data.eval {file_data.get('eval')}")
+    data["eval"] = []
+    frac = float(file_data.get("eval_fraction") or 0) or DEFAULT_EVAL_FRACTION
+    data["eval_fraction"] = frac
+    return (f"data.train was overridden without data.eval: holding out a seeded {frac:.0%} of the train rows "
+            f"for evaluation instead of the config file's data.eval {file_data.get('eval')} (name data.eval=... "
+            "to choose the eval data)")
 
 
 def dump_config(cfg: Config) -> str:

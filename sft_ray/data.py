@@ -8,6 +8,7 @@ which is what sets ``max_steps`` for a stream that has no length.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -66,8 +67,9 @@ def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) 
 
 def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
     out: dict[str, list] = {k: [] for k in ("source", "row", "input_ids", "labels", "n_tokens", "n_trained",
-                                            "truncated", "dropped", "error", "record", "weight")}
+                                            "truncated", "dropped", "error", "record", "weight", "file")}
     weights = batch.get("weight", [1.0] * len(batch["row"]))
+    out["file"] = [int(f) for f in batch.get("file", [0] * len(batch["row"]))]
     for source, row, record, error, weight in zip(batch["source"], batch["row"], batch["record"], batch["error"],
                                                   weights):
         ids: list[int] = []
@@ -126,18 +128,22 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[float] | None = None):
+def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[float] | None = None,
+              num_cpus: float | None = None):
     """Dataset of tokenized rows (bad and dropped rows still present, flagged) for ``specs``.
 
-    ``weights`` (train data only) repeat or subsample each spec's rows; the eval split is never reweighted."""
+    ``weights`` (train data only) repeat or subsample each spec's rows; the eval split is never reweighted.
+    ``num_cpus``: per task (default ``data.tokenize_cpus``); 0 where the data streams beside trainers that
+    hold every CPU of the cluster."""
     import ray
 
     from sft_ray import sources
 
     quiet_ray_data()
+    cpus = cfg.data.tokenize_cpus if num_cpus is None else num_cpus
     if split == "eval":
         weights = None
-    ds = sources.read(specs, weights)
+    ds = sources.read(specs, weights, num_cpus=min(cpus, 0.25))
     if split is not None:
         frac, seed = cfg.data.eval_fraction, cfg.seed
         want_eval = split == "eval"
@@ -146,42 +152,55 @@ def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[flo
         _tokenize_task,  # the ref is wrapped in a list so that Ray passes it on instead of resolving it per task
         fn_kwargs={"tok_ref": [ray.put(_tokenizer(cfg.model))], "data_cfg": cfg.data.model_dump()},
         batch_size=256,
-        num_cpus=cfg.data.tokenize_cpus,
+        num_cpus=cpus,
     )
     if weights is not None and any(w != 1.0 for w in weights):
-        ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="numpy", num_cpus=cfg.data.tokenize_cpus)
+        ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="numpy", num_cpus=cpus)
     return ds
 
 
 def mix(batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
-    """Repeat or subsample good rows by their source's weight; bad and dropped rows stay, once, to be counted."""
+    """Repeat or subsample good rows by their source's weight; bad and dropped rows stay, once, to be counted.
+    Each repeat carries its ``copy`` number, so that the global order spreads the copies of a row apart."""
     from sft_ray.sources import copies
 
     reps = [1 if batch["error"][i] or batch["dropped"][i]
             else copies(float(batch["weight"][i]), str(batch["source"][i]), int(batch["row"][i]), seed)
             for i in range(len(batch["row"]))]
     idx = np.repeat(np.arange(len(reps)), reps)
-    return {k: v[idx] for k, v in batch.items()}
+    out = {k: v[idx] for k, v in batch.items()}
+    out["copy"] = np.concatenate([np.arange(r) for r in reps]).astype(np.int64) if reps else np.zeros(0, np.int64)
+    return out
 
 
-def splits(train_specs: list[str], eval_specs: list[str], cfg):
+def splits(train_specs: list[str], eval_specs: list[str], cfg, num_cpus: float | None = None):
     """Tokenized (train, eval) datasets: eval files, else the ``eval_fraction`` held out of train, else None."""
     w = cfg.data.train_weights()
     if eval_specs:
-        return tokenized(train_specs, cfg, weights=w), tokenized(eval_specs, cfg)
+        return tokenized(train_specs, cfg, weights=w, num_cpus=num_cpus), tokenized(eval_specs, cfg)
     if cfg.data.eval_fraction > 0:
-        return tokenized(train_specs, cfg, "train", weights=w), tokenized(train_specs, cfg, "eval")
-    return tokenized(train_specs, cfg, weights=w), None
+        return (tokenized(train_specs, cfg, "train", weights=w, num_cpus=num_cpus),
+                tokenized(train_specs, cfg, "eval"))
+    return tokenized(train_specs, cfg, weights=w, num_cpus=num_cpus), None
 
 
-def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = False):
+def order_key(seed: int, file: int, row: int, copy: int) -> int:
+    """A row's place in the seeded global order: a 63-bit hash of (seed, file's place in the listing, row, copy),
+    so the same data gets the same order wherever it is stored."""
+    h = hashlib.blake2b(f"{seed}\0{file}\0{row}\0{copy}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = False, order_seed: int | None = None):
     """Only the columns the trainer needs; under on_bad_rows=error a bad row stops the stream.
 
     ``num_cpus`` should equal ``data.tokenize_cpus``: Ray Data then fuses this step into the tokenizer task.
-    ``with_ids`` adds ``example_id`` ("file:row") for tracing which examples each step trained on."""
+    ``with_ids`` adds ``example_id`` ("file:row", "#copy" for repeats) for tracing which examples each step
+    trained on; ``order_seed`` adds the ``order`` key of the seeded global order (see ``global_order``)."""
 
     def keep(batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids, labels, keys = [], [], []
+        ids, labels, keys, order = [], [], [], []
+        copies = batch.get("copy")
         for i in range(len(batch["error"])):
             if batch["error"][i]:
                 msg = f"{where(batch['source'][i], batch['row'][i])}: {batch['error'][i]}"
@@ -193,10 +212,26 @@ def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = Fals
                 continue
             ids.append(batch["input_ids"][i].tolist())
             labels.append(batch["labels"][i].tolist())
-            keys.append(f"{batch['source'][i]}:{batch['row'][i]}")
-        return {"input_ids": ids, "labels": labels, **({"example_id": keys} if with_ids else {})}
+            copy = int(copies[i]) if copies is not None else 0
+            source, row = str(batch["source"][i]), int(batch["row"][i])
+            keys.append(f"{source}:{row}" + (f"#{copy}" if copy else ""))
+            if order_seed is not None:
+                order.append(order_key(order_seed, int(batch["file"][i]), row, copy))
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if with_ids:
+            out["example_id"] = keys
+        if order_seed is not None:
+            out["order"] = np.asarray(order, dtype=np.int64)
+        return out
 
     return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus)
+
+
+def global_order(ds):
+    """The rows sorted by their seeded ``order`` key: a global permutation that is the same on every attempt
+    (so a resumed run skips exactly what it trained) and spreads every source, and every copy of a weighted
+    row, through the epoch in proportion to its share."""
+    return ds.sort("order").drop_columns(["order"])
 
 
 @dataclass
@@ -209,7 +244,9 @@ class DataStats:
     trained_tokens: int = 0
     max_len: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
-    length_hist: list[int] = field(default_factory=list)  # rows per 8-token bucket: [0, 8), [8, 16), ...
+    length_counts: dict[int, int] = field(default_factory=dict)  # exact row length -> rows
+    rows_by_source: dict[str, int] = field(default_factory=dict)  # usable rows per file
+    digest: str = ""  # of every usable row's tokens and labels, order-independent
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -221,13 +258,25 @@ class DataStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def lengths(self) -> np.ndarray:
+        return np.repeat(np.fromiter(self.length_counts, dtype=np.int64),
+                         np.fromiter(self.length_counts.values(), dtype=np.int64))
+
+
+def _row_hash(ids, labels) -> int:
+    h = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
 
 def _batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
     err = batch["error"].astype(str)
     dropped = batch["dropped"].astype(str)
     ok = (err == "") & (dropped == "")
     lengths = batch["n_tokens"][ok].astype(np.int64)
-    hist = np.bincount(np.minimum(lengths // 8, 4095), minlength=4096)
+    values, counts = np.unique(lengths, return_counts=True)
+    sources, per_source = np.unique(batch["source"][ok].astype(str), return_counts=True)
+    digest = sum(_row_hash(batch["input_ids"][i], batch["labels"][i]) for i in np.flatnonzero(ok)) % (1 << 64)
     errors = [f"{where(s, r)}: {e}" for s, r, e in zip(batch["source"][~ok], batch["row"][~ok], err[~ok]) if e]
     return {
         "rows": [int(ok.sum())],
@@ -237,26 +286,41 @@ def _batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
         "tokens": [int(lengths.sum())],
         "trained_tokens": [int(batch["n_trained"][ok].sum())],
         "max_len": [int(lengths.max()) if len(lengths) else 0],
-        "hist": [hist.tolist()],
+        "lengths": [json.dumps({int(v): int(c) for v, c in zip(values, counts)})],
+        "sources": [json.dumps({str(s): int(c) for s, c in zip(sources, per_source)})],
+        "digest": [str(digest)],
         "errors": [json.dumps(errors[:MAX_ERRORS_SHOWN])],
     }
 
 
-def validate(ds, name: str) -> DataStats:
-    """One parallel, streaming pass over the tokenized rows; only small per-batch stats reach the driver."""
+def percentiles(counts: dict[int, int], qs=(50, 90, 99)) -> dict[str, int]:
+    """Exact percentiles (nearest rank) of a length distribution given as {length: rows}."""
+    if not counts:
+        return {}
+    lengths = sorted(counts)
+    cum = np.cumsum([counts[x] for x in lengths])
+    total = cum[-1]
+    return {f"p{q}": int(lengths[int(np.searchsorted(cum, math.ceil(q / 100 * total)))]) for q in qs}
+
+
+def validate(ds, name: str, num_cpus: float = 0.25) -> DataStats:
+    """One parallel pass over the tokenized rows; only small per-batch stats reach the driver."""
     st = DataStats()
-    hist = np.zeros(4096, dtype=np.int64)
-    for b in ds.map_batches(_batch_stats, batch_format="numpy", batch_size=512, num_cpus=0.25).iter_rows():
+    digest = 0
+    for b in ds.map_batches(_batch_stats, batch_format="numpy", batch_size=512, num_cpus=num_cpus).iter_rows():
         for k in ("rows", "bad", "dropped_too_long", "truncated", "tokens", "trained_tokens"):
             setattr(st, k, getattr(st, k) + int(b[k]))
         st.max_len = max(st.max_len, int(b["max_len"]))
-        hist += np.asarray(b["hist"], dtype=np.int64)
+        for length, c in json.loads(b["lengths"]).items():
+            st.length_counts[int(length)] = st.length_counts.get(int(length), 0) + c
+        for source, c in json.loads(b["sources"]).items():
+            st.rows_by_source[source] = st.rows_by_source.get(source, 0) + c
+        digest = (digest + int(b["digest"])) % (1 << 64)
         if len(st.errors) < MAX_ERRORS_SHOWN:
             st.errors += json.loads(b["errors"])[: MAX_ERRORS_SHOWN - len(st.errors)]
-    if hist.sum():
-        cdf = np.cumsum(hist) / hist.sum()
-        st.length_percentiles = {f"p{q}": int((np.searchsorted(cdf, q / 100) + 1) * 8) for q in (50, 90, 99)}
-        st.length_hist = np.trim_zeros(hist, "b").tolist()
+    st.length_counts = dict(sorted(st.length_counts.items()))
+    st.length_percentiles = percentiles(st.length_counts)
+    st.digest = f"{digest:016x}"
     log.info("%s data: %s", name, st.summary())
     return st
 
@@ -267,7 +331,8 @@ def write_rejects(ds, path: Path) -> None:
     bad.write_json(str(path.resolve()))
 
 
-def check(stats: DataStats, name: str, on_bad_rows: str) -> None:
+def check(stats: DataStats, name: str, on_bad_rows: str, specs: list[str] | None = None) -> None:
+    """Stop on bad rows (unless skipped) and on data with no usable rows, naming the files."""
     if stats.bad and on_bad_rows == "error":
         shown = "\n  ".join(stats.errors)
         more = f"\n  ... and {stats.bad - len(stats.errors)} more" if stats.bad > len(stats.errors) else ""
@@ -275,10 +340,29 @@ def check(stats: DataStats, name: str, on_bad_rows: str) -> None:
             f"{stats.bad} bad row(s) in the {name} data; fix them or set data.on_bad_rows=skip:\n  {shown}{more}"
         )
     if stats.rows == 0:
-        raise DataError(f"the {name} data has no usable rows ({stats.summary()})")
+        files = _files(specs or [])
+        named = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        raise DataError(f"the {name} data has no usable rows: {named or ', '.join(specs or [])} ({stats.summary()})")
 
 
-def pad_collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int = 8) -> dict[str, Any]:
+def empty_files(stats: DataStats, specs: list[str]) -> list[str]:
+    """Files named by ``specs`` that gave no usable row (worth a warning when others did)."""
+    return [f for f in _files(specs) if not stats.rows_by_source.get(f)]
+
+
+def _files(specs: list[str]) -> list[str]:
+    from sft_ray import sources
+
+    out: list[str] = []
+    for spec in specs:
+        try:
+            out += [spec] if spec.startswith("hf:") else sources.expand_any(spec)
+        except sources.SourceError:
+            out.append(spec)
+    return out
+
+
+def pad_collate(batch: dict[str, Any], pad_id: int, multiple: int = 8) -> dict[str, Any]:
     """Right-pad a batch of ragged rows; padding gets label -100 and attention 0."""
     import torch
 
@@ -298,20 +382,3 @@ def pad_collate(batch: dict[str, np.ndarray], pad_id: int, multiple: int = 8) ->
     if "example_id" in batch:
         out["example_id"] = [str(x) for x in batch["example_id"]]
     return out
-
-
-def steps_per_epoch(rows: int, num_workers: int, batch_size: int, grad_accum: int,
-                    bins_per_row: float | None = None) -> tuple[int, int]:
-    """Optimizer steps per epoch and rows per worker (Ray's equal split gives each worker rows // workers).
-    With packing, a batch holds ``batch_size`` bins and a row fills ``bins_per_row`` of a bin."""
-    per_worker = rows // num_workers
-    units = math.ceil(per_worker * bins_per_row) if bins_per_row is not None else per_worker
-    batches = math.ceil(units / batch_size)
-    return batches // grad_accum, per_worker
-
-
-def lengths_from_hist(hist: list[int], max_length: int) -> np.ndarray:
-    """Row lengths (bucket midpoints) recreated from the validation pass's 8-token histogram."""
-    counts = np.asarray(hist, dtype=np.int64)
-    mids = np.minimum(np.arange(len(counts)) * 8 + 4, max_length)
-    return np.repeat(mids, counts)

@@ -19,32 +19,39 @@ from sft_ray.formats import RowError, to_example
 
 
 class Generator:
-    """Ray Data callable class: loads one model, answers batches of chat prompts greedily."""
+    """Ray Data callable class: loads one model, answers batches of already-tokenized prompts greedily.
 
-    def __init__(self, model_dir: str, max_new_tokens: int, trust_remote_code: bool = False):
+    Both models of a comparison get the same token ids, rendered once on the driver with the run's own
+    tokenizer and chat template, and are decoded by that same tokenizer: the base model is asked exactly
+    what the tuned one is asked."""
+
+    def __init__(self, model_dir: str, tok_ref: list, max_new_tokens: int, trust_remote_code: bool = False,
+                 revision: str | None = None):
+        import ray
         from transformers.utils import logging as hf_logging
 
-        from sft_ray.modeling import load_for_inference
+        from sft_ray.modeling import load_weights
 
         hf_logging.disable_progress_bar()
-        self.model, self.tok = load_for_inference(model_dir, trust_remote_code)
+        self.tok = ray.get(tok_ref[0])
+        self.model = load_weights(model_dir, self.tok, trust_remote_code, revision=revision)
         self.device = self.model.device
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         import torch
 
-        prompts = [
-            self.tok.apply_chat_template(json.loads(m), tokenize=False, add_generation_prompt=True)
-            for m in batch["messages"]
-        ]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompts = [json.loads(p) for p in batch["prompt_ids"]]
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(
-                **enc, max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                top_k=None, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
             )
-        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
         return {"i": list(batch["i"]), "answer": [t.strip() for t in texts]}
 
 
@@ -55,18 +62,26 @@ def _actor_resources() -> dict[str, float]:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
-def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-             actors: int = 1) -> list[str]:
-    """Greedy answers for each conversation (its last turn is answered), in input order."""
+def render_prompts(tok, conversations: list[list[dict]], template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each conversation with the generation prompt, as the trained model's template renders it."""
+    kwargs = template_kwargs or {}
+    return [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **kwargs),
+                add_special_tokens=False)["input_ids"] for c in conversations]
+
+
+def generate(model_dir: str, prompts: list[list[int]], tok, max_new_tokens: int, batch_size: int, actors: int = 1,
+             trust_remote_code: bool = False, revision: str | None = None) -> list[str]:
+    """Greedy answers to tokenized prompts, in input order."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    if not conversations:
+    if not prompts:
         return []
-    items = [{"i": i, "messages": json.dumps(c, ensure_ascii=False)} for i, c in enumerate(conversations)]
+    items = [{"i": i, "prompt_ids": json.dumps(p)} for i, p in enumerate(prompts)]
     ds = ray.data.from_items(items).map_batches(
         Generator,
-        fn_constructor_kwargs={"model_dir": model_dir, "max_new_tokens": max_new_tokens},
+        fn_constructor_kwargs={"model_dir": model_dir, "tok_ref": [ray.put(tok)], "max_new_tokens": max_new_tokens,
+                               "trust_remote_code": trust_remote_code, "revision": revision},
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=max(1, actors)),
         **_actor_resources(),
@@ -78,16 +93,17 @@ def generate(model_dir: str, conversations: list[list[dict]], max_new_tokens: in
 class LossScorer:
     """Ray Data callable class: summed NLL and token count on the trained tokens of a batch."""
 
-    def __init__(self, model_dir: str, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, tok_ref: list, trust_remote_code: bool = False, revision: str | None = None):
+        import ray
         from transformers.utils import logging as hf_logging
 
-        from sft_ray.modeling import load_for_inference
+        from sft_ray.modeling import load_weights
 
         hf_logging.disable_progress_bar()
-        self.model, tok = load_for_inference(model_dir, trust_remote_code, float32=True)  # losses in fp32
+        tok = ray.get(tok_ref[0])
+        self.model = load_weights(model_dir, tok, trust_remote_code, float32=True, revision=revision)  # fp32 losses
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.device = self.model.device
-        self.vocab = self.model.get_input_embeddings().weight.shape[0]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         import torch
@@ -95,10 +111,7 @@ class LossScorer:
         from sft_ray.data import pad_collate
 
         b = pad_collate(batch, self.pad)
-        if int(b["input_ids"].max()) >= self.vocab:  # ChatML tokens the base model has no embedding for
-            self.model.resize_token_embeddings(int(b["input_ids"].max()) + 1)
-            self.vocab = int(b["input_ids"].max()) + 1
-        b = {k: v.to(self.device) for k, v in b.items()}
+        b = {k: v.to(self.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
         with torch.inference_mode():
             logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         nll = torch.nn.functional.cross_entropy(
@@ -107,12 +120,15 @@ class LossScorer:
         return {"nll": [float(nll)], "n": [int((b["labels"][:, 1:] != -100).sum())]}
 
 
-def eval_loss(model_dir: str, ds, batch_size: int, actors: int) -> dict[str, float]:
+def eval_loss(model_dir: str, ds, tok, batch_size: int, actors: int, trust_remote_code: bool = False,
+              revision: str | None = None) -> dict[str, float]:
     """Token-weighted loss and perplexity of a model on the trained tokens of a tokenized dataset."""
+    import ray
     from ray.data import ActorPoolStrategy
 
-    parts = ds.map_batches(LossScorer, fn_constructor_args=(model_dir,), batch_size=batch_size,
-                           compute=ActorPoolStrategy(size=max(1, actors)), **_actor_resources()).take_all()
+    parts = ds.map_batches(LossScorer, fn_constructor_args=(model_dir, [ray.put(tok)], trust_remote_code, revision),
+                           batch_size=batch_size, compute=ActorPoolStrategy(size=max(1, actors)),
+                           **_actor_resources()).take_all()
     nll, n = sum(p["nll"] for p in parts), sum(p["n"] for p in parts)
     loss = nll / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
@@ -233,33 +249,45 @@ def mcnemar_exact(before: list[float], after: list[float]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- eval set
 
 
+def _pairs(batch: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, list]:
+    """(prompt conversation, reference) of each usable row: the reference is its last assistant turn."""
+    prompts, refs, keys = [], [], []
+    for source, row, record, error in zip(batch["source"], batch["row"], batch["record"], batch["error"]):
+        if error:
+            continue
+        try:
+            ex = to_example(json.loads(record), fmt, columns)
+        except (RowError, json.JSONDecodeError, TypeError):
+            continue
+        if ex.messages is None:
+            continue
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        prompts.append(json.dumps(ex.messages[:last], ensure_ascii=False))
+        refs.append(ex.messages[last]["content"])
+        keys.append(f"{source}:{row}")
+    return {"prompt": prompts, "reference": refs, "key": keys}
+
+
 def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int,
                fraction_split: tuple[int, float] | None = None) -> list[tuple[list[dict], str]]:
     """(prompt conversation, reference answer) for the first ``limit`` usable rows of the eval data.
 
-    ``fraction_split=(seed, fraction)``: the rows of ``specs`` that ``data.eval_fraction`` holds out."""
+    Read through the same Ray Data path as training (``sources.read``), so every source kind that trains
+    also evaluates. ``fraction_split=(seed, fraction)``: the rows of ``specs`` that ``data.eval_fraction``
+    holds out."""
     from sft_ray import sources
-    from sft_ray.data import in_eval_split
+    from sft_ray.data import in_eval_split, quiet_ray_data
 
-    pairs = []
-    for spec in specs:
-        for path in sources.expand(spec):
-            for r in sources.iter_file(path):
-                if len(pairs) >= limit:
-                    return pairs
-                if r["error"]:
-                    continue
-                if fraction_split and not in_eval_split(r["source"], r["row"], *fraction_split):
-                    continue
-                try:
-                    ex = to_example(json.loads(r["record"]), fmt, columns)
-                except (RowError, json.JSONDecodeError):
-                    continue
-                if ex.messages is None:
-                    continue
-                last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-                pairs.append((ex.messages[:last], ex.messages[last]["content"]))
-    return pairs
+    if limit <= 0 or not specs:
+        return []
+    quiet_ray_data()
+    ds = sources.read(specs)
+    if fraction_split is not None:
+        seed, frac = fraction_split
+        ds = ds.filter(lambda r: in_eval_split(r["source"], r["row"], seed, frac))
+    ds = ds.map_batches(_pairs, fn_kwargs={"fmt": fmt, "columns": columns}, batch_format="numpy", num_cpus=0.25)
+    ds.context.execution_options.preserve_order = True  # the first rows of the files, in file order
+    return [(json.loads(r["prompt"]), r["reference"]) for r in ds.limit(limit).take_all()]
 
 
 def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) -> dict[str, list[float]]:
@@ -281,25 +309,52 @@ def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) ->
     return scores
 
 
+def describe_template(model_cfg, tok) -> str:
+    """Which chat template rendered the prompts, in words (for the report)."""
+    import hashlib
+
+    digest = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:12]
+    if model_cfg.chat_template is None:
+        from sft_ray.modeling import CHATML_TEMPLATE
+
+        own = "ChatML (added: the model has none)" if tok.chat_template == CHATML_TEMPLATE else "the model's own"
+        return f"{own} (sha256 {digest})"
+    if model_cfg.chat_template == "chatml":
+        return f"ChatML (model.chat_template=chatml, sha256 {digest})"
+    return f"the Jinja template in model.chat_template (sha256 {digest})"
+
+
 def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: Path,
             summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate base and tuned models on the same held-out prompts and probes; write the report."""
-    from sft_ray import report
+    """Evaluate base and tuned models on the same held-out prompts and probes; write the report.
 
-    e = cfg.eval
+    Like for like: the prompts are rendered once, with the run's tokenizer, chat template and
+    ``data.template_kwargs``, and both models answer those very token ids; the base model is loaded with
+    the run's ``model.revision`` and ``model.trust_remote_code``."""
+    from sft_ray import report
+    from sft_ray.data import _tokenizer
+
+    e, m = cfg.eval, cfg.model
     split = None
     if not eval_specs and cfg.data.eval_fraction > 0:  # the held-out fraction of the training files
         from sft_ray.train import resolve_data
 
         eval_specs, split = resolve_data(cfg)[0], (cfg.seed, cfg.data.eval_fraction)
-    pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples, split) if eval_specs else []
-    probes = [[{"role": "user", "content": q}] for q in e.probes]
-    results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir}}
+    pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples, split)
+    tok = _tokenizer(m)
+    task_prompts = render_prompts(tok, [p for p, _ in pairs], cfg.data.template_kwargs)
+    probe_prompts = render_prompts(tok, [[{"role": "user", "content": q}] for q in e.probes], cfg.data.template_kwargs)
+    template = describe_template(m, tok) + (f", template_kwargs {cfg.data.template_kwargs}"
+                                            if cfg.data.template_kwargs else "")
+    results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir},
+                               "eval_data": eval_specs if not split else f"{eval_specs} (held-out fraction "
+                                                                         f"{cfg.data.eval_fraction})",
+                               "prompt_template": template}
     answers: dict[str, dict[str, list[str]]] = {}
-    for tag, model_dir in (("before", base_dir), ("after", tuned_dir)):
-        task = generate(model_dir, [p for p, _ in pairs], e.max_new_tokens, e.batch_size, e.actors)
-        probe = generate(model_dir, probes, e.probe_max_new_tokens, e.batch_size, 1)
-        answers[tag] = {"task": task, "probes": probe}
+    for tag, model_dir, revision in (("before", base_dir, m.revision), ("after", tuned_dir, None)):
+        kw = {"trust_remote_code": m.trust_remote_code, "revision": revision}
+        answers[tag] = {"task": generate(model_dir, task_prompts, tok, e.max_new_tokens, e.batch_size, e.actors, **kw),
+                        "probes": generate(model_dir, probe_prompts, tok, e.probe_max_new_tokens, e.batch_size, 1, **kw)}
     refs = [r for _, r in pairs]
     per_row = {tag: score(answers[tag]["task"], refs, e.scorers) for tag in answers}
     table = {}
@@ -323,7 +378,8 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
 
         tokenized = data.tokenized(eval_specs, cfg, "eval" if split else None)
         ds = data.trainable(tokenized, "skip", cfg.data.tokenize_cpus).limit(e.max_loss_rows).materialize()
-        before, after = (eval_loss(d, ds, e.batch_size, e.actors) for d in (base_dir, tuned_dir))
+        before, after = (eval_loss(d, ds, tok, e.batch_size, e.actors, m.trust_remote_code, r)
+                         for d, r in ((base_dir, m.revision), (tuned_dir, None)))
         results["loss"] = {"eval_loss": {"before": before["loss"], "after": after["loss"]},
                            "perplexity": {"before": before["perplexity"], "after": after["perplexity"]}}
     results["probes"] = [
@@ -348,6 +404,7 @@ def render_console(res: dict[str, Any]) -> str:
     for ex in res.get("examples", [])[:4]:
         out += [f"Task: {ex['prompt'][:200]}", f"  reference: {ex['reference']}", f"  before: {ex['before'][:200]}",
                 f"  after:  {ex['after'][:200]}", ""]
+    out.append(f"held-out rows: {res['n_eval']} from {res.get('eval_data')}; prompts: {res.get('prompt_template')}")
     for m, s in res["scores"].items():
         t = s["paired_test"]
         if s.get("binary"):

@@ -152,7 +152,7 @@ def choose_precision(requested: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = False):
+def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = False, zero3: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -163,9 +163,14 @@ def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = Fa
     if quantize_4bit:  # QLoRA: frozen NF4 base weights, computed in bf16
         from transformers import BitsAndBytesConfig
 
+        compute = torch.bfloat16 if precision == "bf16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+            bnb_4bit_compute_dtype=compute,
+            # stored in the compute dtype, the packed 4-bit weights can be partitioned by ZeRO-3 like any tensor
+            bnb_4bit_quant_storage=compute)
+        if not zero3:  # bitsandbytes quantizes while loading onto this worker's GPU (ZeRO-3 places it itself)
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     # Master weights stay fp32 for mixed precision; bf16/fp16 autocast is DeepSpeed's/Trainer's job.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     if len(tok) > model.config.get_text_config().vocab_size:  # not weight.shape: empty under ZeRO-3
@@ -184,7 +189,7 @@ def is_model_dir(path: str) -> bool:
 
 
 def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: str | None = None,
-                       float32: bool = False):
+                       float32: bool = False, revision: str | None = None):
     """(model, tokenizer) ready to generate, on the GPU in bf16 when there is one, else fp32 on the CPU.
 
     ``model_dir`` may be a LoRA adapter: it is loaded onto its base model (``base`` or the adapter's
@@ -192,8 +197,29 @@ def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: st
     """
     import json
 
-    import torch
     from transformers import AutoTokenizer
+
+    model_dir = resolve_model_path(model_dir)
+    adapter_cfg = Path(model_dir, "adapter_config.json")
+    weights_from = model_dir
+    if adapter_cfg.is_file() and not Path(model_dir, "config.json").is_file():
+        weights_from = resolve_model_path(base or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+                                          or model_dir)
+    has_tok = any(Path(model_dir, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(model_dir if has_tok else weights_from, trust_remote_code=trust_remote_code,
+                                        revision=revision if not has_tok else None)
+    ensure_chat_template(tok)
+    tok.padding_side = "left"
+    return load_weights(model_dir, tok, trust_remote_code, base, float32, revision), tok
+
+
+def load_weights(model_dir: str, tok, trust_remote_code: bool = False, base: str | None = None,
+                 float32: bool = False, revision: str | None = None):
+    """The model of ``model_dir`` (a LoRA adapter merged onto its base) sized to ``tok``, ready to generate:
+    on the GPU in bf16 when there is one, else fp32 on the CPU."""
+    import json
+
+    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() and not float32 else torch.float32
@@ -205,21 +231,19 @@ def load_for_inference(model_dir: str, trust_remote_code: bool = False, base: st
                                           or "")
         if not weights_from:
             raise ValueError(f"{model_dir}: a LoRA adapter without base_model_name_or_path; pass the base model")
-    has_tok = any(Path(model_dir, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = AutoTokenizer.from_pretrained(model_dir if has_tok else weights_from, trust_remote_code=trust_remote_code)
-    ensure_chat_template(tok)
-    tok.padding_side = "left"
     model = load_merged(weights_from, model_dir if weights_from != model_dir else None, tok, dtype,
-                        trust_remote_code)
-    return model.to(device).eval(), tok
+                        trust_remote_code, revision=revision)
+    return model.to(device).eval()
 
 
-def load_merged(base: str, adapter_dir: str | None, tok, dtype, trust_remote_code: bool = False):
+def load_merged(base: str, adapter_dir: str | None, tok, dtype, trust_remote_code: bool = False,
+                revision: str | None = None):
     """``base`` with its embeddings sized to ``tok`` (ChatML tokens added to a base model), and the LoRA
     adapter in ``adapter_dir`` merged in when there is one."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 revision=revision)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     if adapter_dir is not None:

@@ -50,9 +50,12 @@ def _facts(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
         ("train data", ", ".join(cfg.get("data", {}).get("train", []))),
         ("train rows / tokens (trained)", f"{tr.get('rows', '?')} / {tr.get('tokens', '?')} ({tr.get('trained_tokens', '?')})"),
         ("bad / truncated / dropped rows", f"{tr.get('bad', 0)} / {tr.get('truncated', 0)} / {tr.get('dropped_too_long', 0)}"),
+        ("eval data", str(plan.get("eval_source", "-"))),
         ("eval rows", str(ev.get("rows", "-"))),
-        ("workers x batch x accum", f"{cfg.get('train', {}).get('num_workers')} x "
-                                    f"{cfg.get('train', {}).get('per_device_batch_size')} x {cfg.get('train', {}).get('grad_accum')}"),
+        ("rows per optimizer step", f"{plan.get('rows_per_step', '?')} = {cfg.get('train', {}).get('num_workers')} workers x "
+                                    f"{cfg.get('train', {}).get('per_device_batch_size')} rows x accum "
+                                    f"{cfg.get('train', {}).get('grad_accum')}"
+                                    f"{' (packed)' if cfg.get('data', {}).get('packing') else ''}"),
         ("DeepSpeed ZeRO stage", str(cfg.get("deepspeed", {}).get("zero_stage"))),
         ("optimizer steps", str(plan.get("max_steps", "?"))),
         ("train time", f"{summary.get('train_seconds', '?')} s"),
@@ -90,7 +93,8 @@ def markdown(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool
         out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
     if has_plot:
         out += ["![loss](loss.png)", ""]
-    out += [f"Held-out rows scored: {res['n_eval']} (greedy decoding, the training chat template)", ""]
+    out += [f"Held-out rows scored: {res['n_eval']} from {res.get('eval_data', '?')} (greedy decoding; both models "
+            f"get the same prompts, rendered with {res.get('prompt_template', 'the training chat template')})", ""]
     rows = _score_rows(res)
     if rows:
         out += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -119,7 +123,9 @@ def to_html(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool)
         parts.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
     if has_plot:
         parts.append("<img src='loss.png' alt='train and eval loss'>")
-    parts.append(f"<p>Held-out rows scored: {res['n_eval']} (greedy decoding, the training chat template)</p>")
+    parts.append(f"<p>Held-out rows scored: {res['n_eval']} from {e(str(res.get('eval_data', '?')))} (greedy "
+                 f"decoding; both models get the same prompts, rendered with "
+                 f"{e(res.get('prompt_template', 'the training chat template'))})</p>")
     rows = _score_rows(res)
     if rows:
         parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + "</tr>")

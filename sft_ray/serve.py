@@ -484,7 +484,7 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
     from pathlib import Path
 
     from sft_ray.modeling import is_model_dir, resolve_model_path
-    from sft_ray.train import init_ray
+    from sft_ray.cluster import init_ray
 
     sc = cfg.serve
     model_dir = resolve_model_path(model_dir)

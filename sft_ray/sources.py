@@ -89,36 +89,123 @@ def _open(path: str, seekable: bool = False):
     return fs.open_input_stream(p, compression=compression)
 
 
+class _Prefixed:
+    """A read() stream that first returns bytes already taken from it (to sniff a file's first bytes)."""
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = self.head, b""
+            return out
+        return self.f.read(n)
+
+
 def _row(source: str, n: int, record: str = "", error: str = "") -> dict[str, Any]:
     return {"source": source, "row": n, "record": record, "error": error}
 
 
+def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a byte stream, read a chunk at a time (a large file is never held whole)."""
+    rest = b""
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
+
+
+def _json_array(f, path: str, chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
+    """Rows of a file holding one JSON array, decoded item by item from a sliding buffer."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    dec = json.JSONDecoder()
+    buf, pos, eof, item, read = "", 0, False, 0, 0
+
+    def more() -> bool:
+        nonlocal buf, pos, eof, read
+        data = f.read(chunk)
+        if not data:
+            eof = True
+            buf = buf[pos:] + decoder.decode(b"", final=True)
+        else:
+            buf = buf[pos:] + decoder.decode(data)
+        read += len(data)
+        pos = 0
+        return not eof
+
+    def skip_ws() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof or not more():
+                return
+
+    try:
+        skip_ws()
+        if buf[pos:pos + 1] == "\ufeff":
+            pos += 1
+            skip_ws()
+        if buf[pos:pos + 1] != "[":
+            raise ValueError("a .json file must hold one JSON array of records (or one record per line)")
+        pos += 1
+        while True:
+            skip_ws()
+            if buf[pos:pos + 1] == "]":
+                return
+            if item and buf[pos:pos + 1] == ",":
+                pos += 1
+                skip_ws()
+            elif item:
+                raise ValueError(f"expected ',' or ']' after item {item}")
+            while True:
+                try:
+                    value, end = dec.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise ValueError(f"item {item + 1} does not parse: {e.msg}") from None
+                    more()
+            item += 1
+            pos = end
+            yield _row(path, item, json.dumps(value, ensure_ascii=False))
+            if pos > chunk:  # keep the buffer small
+                buf, pos = buf[pos:], 0
+    except UnicodeDecodeError as e:
+        yield _row(path, item + 1, error=f"not UTF-8 text (near byte {read - len(e.object) + e.start})")
+    except (ValueError, IndexError) as e:
+        yield _row(path, item + 1, error=f"JSON array: {e}")
+
+
 def iter_file(path: str) -> Iterator[dict[str, Any]]:
-    """Yield one provenance row per record of a file; unreadable records become error rows."""
+    """Yield one provenance row per record of a file; unreadable records become error rows.
+
+    Every kind is read as a stream (JSON Lines line by line, a JSON array item by item, Parquet/Arrow/CSV
+    batch by batch), so a file never has to fit in memory."""
     kind = _kind(path)
     if kind in ("jsonl", "json"):
         with _open(path) as f:
-            data = f.read()
-        head = data.lstrip()[:1]
-        if kind == "json" and head == b"[":
-            try:
-                items = json.loads(data.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield _row(path, 1, error=f"not UTF-8 text (byte {e.start})")
+            head = f.read(4096)
+            start = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+            if kind == "json" and start == b"[":
+                yield from _json_array(_Prefixed(head, f), path)
                 return
-            except json.JSONDecodeError as e:
-                yield _row(path, e.lineno, error=f"JSON array does not parse: {e.msg} (line {e.lineno} col {e.colno})")
-                return
-            for i, item in enumerate(items, 1):
-                yield _row(path, i, json.dumps(item, ensure_ascii=False))
-            return
-        for n, raw in enumerate(data.split(b"\n"), 1):
-            if not raw.strip():
-                continue  # blank lines (e.g. the one after the last record) are not records
-            try:
-                yield _row(path, n, raw.decode("utf-8").rstrip("\r"))
-            except UnicodeDecodeError as e:
-                yield _row(path, n, error=f"not UTF-8 text (byte {e.start} of the line)")
+            for n, raw in enumerate(_lines(_Prefixed(head, f)), 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows tools write one)
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue  # blank lines (e.g. the one after the last record) are not records
+                try:
+                    yield _row(path, n, raw.decode("utf-8").rstrip("\r"))
+                except UnicodeDecodeError as e:
+                    yield _row(path, n, error=f"not UTF-8 text (byte {e.start} of the line)")
         return
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -165,21 +252,34 @@ def copies(weight: float, source: str, row: int, seed: int) -> int:
 
 
 def _read_files(batch: dict[str, Any]) -> Iterator[dict[str, list]]:
-    """Ray Data ``map_batches`` generator: read the files of a batch, emit rows in chunks."""
-    out: dict[str, list] = {"source": [], "row": [], "record": [], "error": [], "weight": []}
-    for path, weight in zip(batch["path"], batch["weight"]):
+    """Ray Data ``map_batches`` generator: read the files of a batch, emit rows in chunks.
+
+    A file that fails part-way (truncated, corrupt) ends with one error row placed after the last row read,
+    saying how many rows were read before it: under ``on_bad_rows=skip`` those rows are kept, and the
+    error says so."""
+    out: dict[str, list] = {"source": [], "row": [], "record": [], "error": [], "weight": [], "file": []}
+    for path, weight, file in zip(batch["path"], batch["weight"], batch["file"]):
+        n = last = 0
         try:
             for r in iter_file(str(path)):
                 for k in ("source", "row", "record", "error"):
                     out[k].append(r[k])
                 out["weight"].append(float(weight))
+                out["file"].append(int(file))
+                n, last = n + 1, r["row"]
                 if len(out["row"]) >= BATCH_ROWS:
                     yield out
                     out = {k: [] for k in out}
-        except Exception as e:  # a file that cannot be opened at all is one error row
-            for k, v in _row(str(path), 0, error=f"cannot read file: {e}").items():
+        except Exception as e:
+            if n == 0:  # nothing could be read at all
+                msg = f"cannot read file: {e}"
+            else:
+                msg = (f"reading stopped after row {last}: {type(e).__name__}: {e} (the {n} rows read before "
+                       "it are kept when data.on_bad_rows=skip)")
+            for k, v in _row(str(path), last + 1 if n else 0, error=msg).items():
                 out[k].append(v)
             out["weight"].append(float(weight))
+            out["file"].append(int(file))
     if out["row"]:
         yield out
 
@@ -202,8 +302,16 @@ def _saved_dataset_files(path: str) -> list[str]:
     return [os.path.abspath(os.path.join(path, n)) for n in names]
 
 
-def read(specs: list[str], weights: list[float] | None = None):
+def expand_any(spec: str) -> list[str]:
+    """The files of any local or URI spec, a ``save_to_disk`` folder included (``hf:`` specs are not files)."""
+    return _saved_dataset_files(spec) if _is_hf_saved(spec) else expand(spec)
+
+
+def read(specs: list[str], weights: list[float] | None = None, num_cpus: float = 0.25):
     """A Ray Dataset of provenance rows for all files named by ``specs`` (HF datasets too).
+
+    Each row carries ``file``, its file's place in the listing of ``specs``: the same files named the same way
+    get the same numbers wherever they are stored (the global order is seeded by it, not by the path).
 
     Each row carries the ``weight`` of its spec (default 1); the mix is applied after parsing, so that a
     bad row is reported whatever its weight (see ``data.mix``)."""
@@ -217,31 +325,37 @@ def read(specs: list[str], weights: list[float] | None = None):
     for spec, w in zip(specs, weights):
         if spec.startswith("hf:"):
             hub.append((spec, w))
-        elif _is_hf_saved(spec):
-            listing += [{"path": f, "weight": w} for f in _saved_dataset_files(spec)]
         else:
-            listing += [{"path": f, "weight": w} for f in expand(spec)]
+            listing += [{"path": f, "weight": w, "file": len(listing) + i} for i, f in enumerate(expand_any(spec))]
     parts = []
     if listing:
         files = ray.data.from_items(listing, override_num_blocks=max(1, len(listing)))
-        parts.append(files.map_batches(_read_files, batch_size=1, num_cpus=0.25))
-    for spec, w in hub:
-        parts.append(_read_hub(spec, w))
+        parts.append(files.map_batches(_read_files, batch_size=1, num_cpus=num_cpus))
+    for i, (spec, w) in enumerate(hub):
+        parts.append(_read_hub(spec, w, num_cpus, file=len(listing) + i))
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.union(p)
     return ds
 
 
-def _read_hub(spec: str, weight: float):
-    """``hf:org/name[:split]`` streamed from the Hugging Face Hub through ``datasets`` (needs network)."""
+def _read_hub(spec: str, weight: float, num_cpus: float = 0.25, file: int = 0):
+    """``hf:org/name[:split]`` streamed through ``datasets``: a Hub id (needs the network, or the datasets
+    cache with HF_DATASETS_OFFLINE=1) or a local dataset repository folder (``hf:/path/to/repo:test``)."""
     import datasets
     import ray
 
     name, _, split = spec[3:].partition(":")
-    d = datasets.load_dataset(name, split=split or "train", streaming=True)
+    try:
+        d = datasets.load_dataset(name, split=split or "train", streaming=True)
+    except Exception as e:  # no network, no such dataset or split: say which spec, and why
+        raise SourceError(f"{spec}: cannot load it through `datasets`: {type(e).__name__}: {e}") from None
     d = d.map(lambda ex, i: {"__row": i + 1}, with_indices=True)  # lazy: numbers rows for error messages
-    ds = ray.data.from_huggingface(d)
+    # Ray's datasource for a `datasets` stream, directly: `ray.data.from_huggingface` first asks the Hub for
+    # the dataset's raw Parquet files (which fails offline, and would bypass the row numbering above)
+    from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
+
+    ds = ray.data.read_datasource(HuggingFaceDatasource(dataset=d, batch_size=BATCH_ROWS))
 
     def to_rows(batch: dict[str, Any]) -> dict[str, list]:
         keys = [k for k in batch if k != "__row"]
@@ -249,9 +363,9 @@ def _read_hub(spec: str, weight: float):
         records = [json.dumps({k: _plain(batch[k][i]) for k in keys}, ensure_ascii=False, default=str)
                    for i in range(n)]
         return {"source": [spec] * n, "row": [int(r) for r in batch["__row"]], "record": records,
-                "error": [""] * n, "weight": [weight] * n}
+                "error": [""] * n, "weight": [weight] * n, "file": [file] * n}
 
-    return ds.map_batches(to_rows, batch_format="numpy", num_cpus=0.5)
+    return ds.map_batches(to_rows, batch_format="numpy", num_cpus=num_cpus)
 
 
 def _plain(v: Any) -> Any:

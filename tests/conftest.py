@@ -46,7 +46,7 @@ def ray_local():
     import ray
 
     from sft_ray.config import Config
-    from sft_ray.train import init_ray
+    from sft_ray.cluster import init_ray
 
     init_ray(Config())
     yield ray

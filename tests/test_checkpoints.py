@@ -4,32 +4,68 @@ import json
 
 import pytest
 
-from sft_ray.train import FINAL_MARKER, check_checkpoint, export_final
+from sft_ray.config import load_config
+from sft_ray.export import FINAL_MARKER, check_checkpoint, export_final, mark_complete
 
 
-def _ckpt(path, step=6, shards=2):
+def _ckpt(path, step=6, world=2, zero=2, drop=None):
+    """A checkpoint as the ranks leave it: the Trainer's files, DeepSpeed's, and each rank's manifest."""
     path.mkdir(parents=True)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    for r in range(shards):
-        (path / f"global_step{step}").mkdir(exist_ok=True)
-        (path / f"global_step{step}" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    gs = path / f"global_step{step}"
+    gs.mkdir()
+    (gs / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    per_rank = {r: [f"rng_state_{r}.pth"] + ([f"global_step{step}/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"]
+                                              if zero else []) for r in range(world)}
+    for r, files in per_rank.items():
+        for f in files:
+            (path / f).write_bytes(b"x" * (10 + r))
+        listed = {f: 10 + r for f in files}
+        if r == 0:
+            listed.update({"trainer_state.json": (path / "trainer_state.json").stat().st_size,
+                           f"global_step{step}/mp_rank_00_model_states.pt": 100})
+        (path / f"sft_ray_manifest_rank{r}.json").write_text(json.dumps({"step": step, "files": listed}))
+    if drop:
+        (path / drop).unlink()
     return path
 
 
-def test_complete_checkpoint_gives_its_step(tmp_path):
-    assert check_checkpoint(_ckpt(tmp_path / "c"), world=2, sharded=True) == 6
+def _cfg(zero):
+    return load_config(None, [f"deepspeed.zero_stage={zero}"])
 
 
-def test_missing_trainer_state_is_refused(tmp_path):
-    c = _ckpt(tmp_path / "c")
-    (c / "trainer_state.json").unlink()
-    with pytest.raises(RuntimeError, match="incomplete: no trainer_state.json"):
-        check_checkpoint(c, world=2, sharded=True)
+@pytest.mark.parametrize("zero", [0, 2])
+def test_complete_checkpoint_gives_its_step(tmp_path, zero):
+    assert check_checkpoint(_ckpt(tmp_path / "c", zero=zero), world=2, cfg=_cfg(zero)) == 6
 
 
-def test_missing_rank_shard_is_refused(tmp_path):
-    with pytest.raises(RuntimeError, match="1 optimizer shards for 2 workers"):
-        check_checkpoint(_ckpt(tmp_path / "c", shards=1), world=2, sharded=True)
+@pytest.mark.parametrize("drop, reason", [
+    ("trainer_state.json", "incomplete: no trainer_state.json"),
+    ("sft_ray_manifest_rank1.json", "1 rank manifests for 2 workers"),
+    ("rng_state_1.pth", "rng_state_1.pth \\(from sft_ray_manifest_rank1.json\\) is missing"),
+    ("global_step6/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "optim_states.pt .* is missing"),
+])
+def test_incomplete_checkpoint_is_refused(tmp_path, drop, reason):
+    with pytest.raises(RuntimeError, match=reason):
+        check_checkpoint(_ckpt(tmp_path / "c", drop=drop), world=2, cfg=_cfg(2))
+
+
+def test_zero0_checkpoint_needs_deepspeeds_model_and_optimizer_file(tmp_path):
+    c = _ckpt(tmp_path / "c", zero=0, world=1)
+    (c / "global_step6" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 40)  # cut short after the manifest
+    with pytest.raises(RuntimeError, match="mp_rank_00_model_states.pt .* is 40 bytes, not 100"):
+        check_checkpoint(c, world=1, cfg=_cfg(0))
+
+
+def test_manifest_lists_every_file_with_its_size(tmp_path):
+    c = tmp_path / "c"
+    (c / "global_step3").mkdir(parents=True)
+    (c / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (c / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"abc")
+    mark_complete(c, 3)
+    listed = json.loads((c / "sft_ray_manifest_rank0.json").read_text())
+    assert listed["step"] == 3 and listed["files"]["global_step3/mp_rank_00_model_states.pt"] == 3
+    assert check_checkpoint(c, world=1, cfg=_cfg(0)) == 3
 
 
 def _real(src):

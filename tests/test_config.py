@@ -64,3 +64,41 @@ def test_cli_rejects_bad_key_before_ray_starts(capsys):
 
     assert main(["train", "jobs/configs/local-cpu.yaml", "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_eval_data_follows_an_overridden_train_set():
+    shipped = "jobs/configs/local-cpu.yaml"  # data.train: generated, data.eval: generated
+    cfg = load_config(shipped, ["data.train=my.jsonl"])
+    assert cfg.data.eval == [] and cfg.data.eval_fraction == pytest.approx(0.1)
+    assert cfg.notes and "holding out a seeded 10%" in cfg.notes[0] and "generated" in cfg.notes[0]
+    # a built-in task is evaluated on its own held-out split
+    cfg = load_config(shipped, ["data.train=generated:reverse"])
+    assert cfg.data.eval == ["generated:reverse"] and cfg.data.eval_fraction == 0
+    # naming the eval data (or the fraction) keeps it as given
+    assert load_config(shipped, ["data.train=my.jsonl", "data.eval=their.jsonl"]).data.eval == ["their.jsonl"]
+    cfg = load_config(shipped, ["data.train=my.jsonl", "data.eval_fraction=0.2"])
+    assert cfg.data.eval == [] and cfg.data.eval_fraction == pytest.approx(0.2) and "replaces" in cfg.notes[0]
+    with pytest.raises(ConfigError, match="both set"):  # the two ways at once are one too many
+        load_config(None, ["data.eval=a.jsonl", "data.eval_fraction=0.1"])
+    # nothing changes when data.train is not overridden, or overridden with the file's own value
+    assert load_config(shipped, []).data.eval == ["generated"]
+    assert load_config(shipped, ["data.train=generated"]).data.eval == ["generated"]
+
+
+def test_unknown_builtin_task_is_named():
+    from sft_ray.train import resolve_data
+
+    with pytest.raises(ConfigError, match="unknown built-in task 'nope'"):
+        resolve_data(load_config(None, ["data.train=generated:nope", "output_dir=/tmp/sft-ray-test-x"]))
+
+
+def test_run_identity_ignores_only_result_free_keys():
+    from sft_ray import identity
+
+    a = identity.make(load_config(None, []), "d1", 10)
+    same = identity.make(load_config(None, ["eval.max_examples=3", "train.save_steps=7", "serve.port=9000",
+                                            "output_dir=elsewhere", "train.max_failures=2"]), "d1", 10)
+    assert identity.differences(a, same) == []
+    other = identity.make(load_config(None, ["train.learning_rate=1e-3", "data.packing=true"]), "d1", 10)
+    assert [d.split(":")[0] for d in identity.differences(a, other)] == ["data.packing", "train.learning_rate"]
+    assert "tokenized training data" in identity.differences(a, identity.make(load_config(None, []), "d2", 10))[0]

@@ -195,3 +195,17 @@ def test_weights_must_name_train_specs():
         load_config(None, ["data.train=[a.jsonl]", "data.weights={b.jsonl: 2}"])
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(None, ["data.train=[a.jsonl]", "data.weights={a.jsonl: 0}"])
+
+
+def test_length_percentiles_are_exact_and_never_above_the_longest_row():
+    from sft_ray.data import percentiles
+
+    assert percentiles({51: 1, 40: 99}) == {"p50": 40, "p90": 40, "p99": 40}
+    assert percentiles({n: 1 for n in range(1, 101)}) == {"p50": 50, "p90": 90, "p99": 99}
+    import random
+
+    rng = random.Random(0)
+    for _ in range(100):
+        counts = {rng.randint(1, 60): rng.randint(1, 5) for _ in range(rng.randint(1, 20))}
+        p = percentiles(counts)
+        assert p["p50"] <= p["p90"] <= p["p99"] <= max(counts) and all(v in counts for v in p.values())

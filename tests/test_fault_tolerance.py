@@ -1,11 +1,14 @@
-"""Runs survive failures, for real, on local Ray with 2 CPU workers (ZeRO-2, fp32):
+"""Runs survive failures, for real, on local Ray with 2 CPU workers, on the shipped default config
+(jobs/configs/local-cpu.yaml: packed rows, ZeRO-0, precision chosen on the worker) and on ZeRO-2 (sharded
+optimizer state, fp32, unpacked):
 
 - a worker process SIGKILLed mid-run: the group restarts from the latest checkpoint and finishes;
 - the driver stopped with SIGTERM: workers go away, the checkpoint stays, the same command resumes.
 
-Both are compared with an uninterrupted run of the same config and seed: after the resume the step numbers
+Each is compared with an uninterrupted run of the same config and seed: after the resume the step numbers
 continue, every step trains on exactly the examples the uninterrupted run used at that step (no example
-twice, none skipped), and the loss at every step matches to 1e-3.
+twice, none skipped), the loss at every step matches to 1e-3, and the throughput counters count only the
+tokens trained after the resume (not the batches skipped to reach it).
 """
 
 import json
@@ -24,13 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE = 12, 3
 
 
-def _cmd(out: Path, tiny_model_dir, *extra):
+CONFIGS = {
+    "default": [],  # the shipped recipe as it is
+    "zero2": ["deepspeed.zero_stage=2", "data.packing=false", "train.precision=fp32"],
+}
+
+
+def _cmd(out: Path, tiny_model_dir, config: str, *extra):
     return [sys.executable, "-m", "sft_ray.cli", "train", "jobs/configs/local-cpu.yaml",
             f"model.name={tiny_model_dir}", f"output_dir={out}", "train.name=ft", "data.generated_train_rows=96",
-            "data.generated_eval_rows=8", "train.per_device_batch_size=4", f"train.max_steps={STEPS}",
-            f"train.save_steps={SAVE}", "train.eval_steps=100", "train.learning_rate=3e-3", "train.warmup_ratio=0",
-            "train.trace_examples=true", "eval.enabled=false", "train.keep_checkpoints=2",
-            "deepspeed.zero_stage=2", "data.packing=false", "train.precision=fp32", *extra]
+            "data.generated_eval_rows=8", "train.per_device_batch_size=4", "train.grad_accum=1",
+            f"train.max_steps={STEPS}", f"train.save_steps={SAVE}", "train.eval_steps=100",
+            "train.learning_rate=3e-3", "train.warmup_ratio=0", "train.trace_examples=true", "eval.enabled=false",
+            "train.keep_checkpoints=2", *CONFIGS[config], *extra]
 
 
 def _start(cmd, log: Path):
@@ -59,6 +68,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in hist if "loss" in h}
 
 
+def _tokens(out: Path) -> dict[int, int]:
+    """Tokens counted by the end of each step (cumulative, as logged)."""
+    hist = json.loads((out / "model" / "train_history.json").read_text())
+    return {h["step"]: h["tokens"] for h in hist if "loss" in h}
+
+
 def _trace(out: Path) -> dict[tuple[int, int], list[str]]:
     """(rank, step) -> example ids trained at that step; a later attempt's record replaces an earlier one."""
     steps: dict[tuple[int, int], list[str]] = {}
@@ -78,22 +93,29 @@ def _worker_pids() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "grep" not in line]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir):
-    out = tmp_path_factory.mktemp("uninterrupted")
+_REFERENCES: dict[str, tuple] = {}
+
+
+def _reference(config: str, tmp_path_factory, tiny_model_dir):
+    """The uninterrupted run of ``config`` (made once per module, when a test first needs it)."""
+    if config in _REFERENCES:
+        return _REFERENCES[config]
+    out = tmp_path_factory.mktemp(f"uninterrupted-{config}")
     # checkpoints through a URI (pyarrow's filesystem layer, as for s3:// and gs://)
-    proc = _start(_cmd(out, tiny_model_dir, f"train.storage_path=file://{out}/store"), out / "log.txt")
+    proc = _start(_cmd(out, tiny_model_dir, config, f"train.storage_path=file://{out}/store"), out / "log.txt")
     _finish(proc, out / "log.txt")
-    kept = sorted(p.name for p in (out / "store" / "ft").glob("checkpoint-*"))
-    assert kept == ["checkpoint-0000009", "checkpoint-0000012"], kept  # train.keep_checkpoints=2
+    # train.keep_checkpoints=2 in all: the final model took the oldest checkpoint's place
+    kept = sorted(p.name for p in (out / "store" / "ft").iterdir() if p.is_dir())
+    assert kept == ["checkpoint-0000012", "final_model"], kept
     losses, trace = _losses(out), _trace(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert sorted(trace) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
-    return losses, trace
+    _REFERENCES[config] = (losses, trace, _tokens(out))
+    return _REFERENCES[config]
 
 
 def _check_resumed(out: Path, reference, resumed_from: int):
-    ref_losses, ref_trace = reference
+    ref_losses, ref_trace, ref_tokens = reference
     losses = _losses(out)  # the history of the attempt that finished
     assert min(losses) == resumed_from + 1 and max(losses) == STEPS, sorted(losses)  # steps continue
     for step, loss in losses.items():
@@ -102,11 +124,14 @@ def _check_resumed(out: Path, reference, resumed_from: int):
     assert trace == ref_trace  # every step saw exactly the uninterrupted run's examples
     ids = [i for k in sorted(trace) for i in trace[k]]
     assert len(ids) == len(set(ids)) == STEPS * 2 * 4  # 96 rows, 2 workers x batch 4 x 12 steps: each once
+    # the resumed attempt counted the tokens it trained, not the batches it skipped to reach its start
+    assert _tokens(out)[STEPS] == ref_tokens[STEPS] - ref_tokens[resumed_from], (_tokens(out), ref_tokens)
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_model_dir, reference):
+def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tmp_path_factory, tiny_model_dir):
+    reference = _reference("default", tmp_path_factory, tiny_model_dir)
     log = tmp_path / "log.txt"
-    proc = _start(_cmd(tmp_path, tiny_model_dir, "train.max_failures=1"), log)
+    proc = _start(_cmd(tmp_path, tiny_model_dir, "default", "train.max_failures=1"), log)
     try:
         _wait_for(log, f"step {2 * SAVE + 1}/{STEPS}", proc)  # checkpoint-6 has been reported
         pids = _worker_pids()
@@ -132,9 +157,11 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_model_dir,
           f"{t_resumed - t_kill:.1f}s later; run finished {t_done - t_kill:.1f}s after the kill")
 
 
-def test_driver_stopped_then_restarted_resumes(tmp_path, tiny_model_dir, reference):
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_driver_stopped_then_restarted_resumes(tmp_path, tmp_path_factory, tiny_model_dir, config):
+    reference = _reference(config, tmp_path_factory, tiny_model_dir)
     log1 = tmp_path / "log1.txt"
-    proc = _start(_cmd(tmp_path, tiny_model_dir), log1)
+    proc = _start(_cmd(tmp_path, tiny_model_dir, config), log1)
     try:
         _wait_for(log1, f"step {SAVE + 2}/{STEPS}", proc)  # checkpoint-3 is in storage
         os.kill(proc.pid, signal.SIGTERM)
@@ -152,7 +179,7 @@ def test_driver_stopped_then_restarted_resumes(tmp_path, tiny_model_dir, referen
     assert ckpts and ckpts[-1] >= f"checkpoint-{SAVE:07d}", ckpts
 
     log2 = tmp_path / "log2.txt"
-    proc = _start(_cmd(tmp_path, tiny_model_dir), log2)
+    proc = _start(_cmd(tmp_path, tiny_model_dir, config), log2)
     _finish(proc, log2)
     resumed = int(log2.read_text().split("resuming from checkpoint at step ")[-1].split()[0])
     assert resumed >= SAVE

@@ -1,4 +1,6 @@
-"""`ray job submit` of jobs/sft.py to a `ray start --head` cluster that this test starts and stops."""
+"""The README's local-cluster recipe, verbatim: `ray start --head` with the machine's own CPU count (on a 2-core
+machine the two trainers then hold every CPU), `ray job submit` of jobs/sft.py, and the job runs to the end.
+A run the cluster can never place is refused within seconds, with the numbers."""
 
 import os
 import subprocess
@@ -22,7 +24,7 @@ def cluster(tmp_path):
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     subprocess.run(
         [RAY, "start", "--head", "--port=6391", "--dashboard-port=8291", "--dashboard-host=127.0.0.1",
-         "--num-cpus=3", "--disable-usage-stats"],
+         "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=180,
     )
     yield env, "http://127.0.0.1:8291"
@@ -46,3 +48,21 @@ def test_job_submit_trains_and_exports(cluster, tmp_path, tiny_model_dir):
     assert "plan: 4 optimizer steps" in log
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "train_summary.json").is_file()
+
+
+def test_job_that_cannot_be_placed_is_refused_with_the_numbers(cluster, tmp_path, tiny_model_dir):
+    import time
+
+    env, address = cluster
+    workers = 2 * (os.cpu_count() or 1) + 2
+    t0 = time.time()
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", "jobs/sft.py",
+         "--config", "jobs/configs/local-cpu.yaml", f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+         f"train.num_workers={workers}", "data.generated_train_rows=64", "eval.enabled=false"],
+        env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "can never place the run" in log and f"needs {workers} workers" in log and "train.num_workers" in log, \
+        log[-3000:]
+    assert time.time() - t0 < 120  # refused, not left waiting

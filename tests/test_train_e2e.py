@@ -92,13 +92,41 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
         assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
 
 
-def test_rerun_with_same_name_returns_finished_model(tmp_path, tiny_model_dir):
-    cfg, first = _train(tmp_path, tiny_model_dir, 2, "data.generated_train_rows=32", "train.num_epochs=1")
+def test_rerun_reuses_checkpoints_only_for_the_same_config_and_data(tmp_path, tiny_model_dir):
+    from sft_ray.config import ConfigError
+
+    from sft_ray.synthetic import generate, write_jsonl
+
+    mine = write_jsonl(generate(32, seed=1), tmp_path / "my.jsonl")
+    small = (f"data.train={mine}", "data.eval=generated", "train.num_epochs=1")
+    cfg, first = _train(tmp_path, tiny_model_dir, 2, *small)
     before = (Path(first["model_dir"]) / "model.safetensors").read_bytes()
-    _, again = _train(tmp_path, tiny_model_dir, 2, "data.generated_train_rows=32", "train.num_epochs=1")
-    assert (Path(again["model_dir"]) / "model.safetensors").read_bytes() == before
-    _, fresh = _train(tmp_path, tiny_model_dir, 2, "data.generated_train_rows=32", "train.num_epochs=1",
-                      "train.resume=false", "seed=7")
+    assert (tmp_path / "ray" / "zero2" / "sft_ray_run.json").is_file()  # the identity, beside the checkpoints
+
+    # the same config and data: the finished run's model, not a new training
+    _, again = _train(tmp_path, tiny_model_dir, 2, *small)
+    assert again["resumed_finished_run"] and (Path(again["model_dir"]) / "model.safetensors").read_bytes() == before
+    # keys that do not change the result (eval, save frequency, ...) do not count
+    _, again = _train(tmp_path, tiny_model_dir, 2, *small, "eval.max_examples=3", "train.save_steps=3")
+    assert again["resumed_finished_run"]
+
+    # anything that changes the result is refused, naming the keys, before any training
+    config_yaml = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as e:
+        _train(tmp_path, tiny_model_dir, 2, *small, "train.max_steps=5", "deepspeed.zero_stage=3")
+    msg = str(e.value)
+    assert "train.max_steps: null -> 5" in msg and "deepspeed.zero_stage: 2 -> 3" in msg
+    assert "train.resume=false" in msg and "train.name" in msg
+    assert (tmp_path / "config.yaml").read_text() == config_yaml  # the run's config file still matches its model
+    # so is the same config over changed data (the file was edited since)
+    write_jsonl(generate(32, seed=9), mine)
+    with pytest.raises(ConfigError, match="tokenized training data") as e:
+        _train(tmp_path, tiny_model_dir, 2, *small)
+    assert "data.train" not in str(e.value)
+
+    # train.resume=false starts over with the new config
+    _, fresh = _train(tmp_path, tiny_model_dir, 2, *small, "train.resume=false", "seed=7")
+    assert not fresh["resumed_finished_run"]
     assert (Path(fresh["model_dir"]) / "model.safetensors").read_bytes() != before
 
 
@@ -152,23 +180,23 @@ def test_gpu_only_options_on_a_cpu_cluster_are_a_clear_error(tmp_path, tiny_mode
         _train(tmp_path, tiny_model_dir, 2, *options, "data.generated_train_rows=8")
 
 
-def test_packed_training_covers_every_row(tmp_path, tiny_model_dir):
-    """Packing end to end: bins of whole rows, the epoch's steps planned from the packing, every row trained."""
+def test_packed_training_covers_every_row_once(tmp_path, tiny_model_dir):
+    """Packing end to end: an epoch trains every row exactly once, in a seeded global order, with the same
+    rows per step (and so the same number of steps) as without packing."""
     cfg, summary = _train(tmp_path, tiny_model_dir, 2, "data.packing=true", "data.max_length=256",
-                          "train.per_device_batch_size=2", "train.num_epochs=1", "train.trace_examples=true",
-                          "train.eval_steps=100", "train.precision=auto")
+                          "data.generated_train_rows=66", "train.per_device_batch_size=3", "train.grad_accum=2",
+                          "train.num_epochs=1", "train.trace_examples=true", "train.eval_steps=100",
+                          "train.precision=auto")
     plan = summary["plan"]
-    rows_per_bin = 1 / plan["bins_per_row"]
-    assert rows_per_bin > 1.5, plan  # rows are ~100 tokens: two or more fit in a 256-token bin
-    assert plan["max_steps"] == plan["steps_per_epoch"] >= 2
+    # 66 rows, 2 workers: 33 each, 6 rows per worker step -> 6 steps (the last trains 3 rows per worker)
+    assert (plan["rows_per_step"], plan["max_steps"], plan["steps_per_epoch"]) == (12, 6, 6), plan
     traced = [json.loads(line) for f in sorted((tmp_path / "trace").glob("rank*.jsonl")) for line in f.open()]
-    ids = [i for t in traced for i in t["ids"]]
-    assert len({t["step"] for t in traced}) == plan["max_steps"]
-    # one epoch of packed bins: every training row once (the plan's estimate may leave out or repeat a few)
-    train_rows = summary["data"]["train"]["rows"]
-    assert len(set(ids)) >= 0.9 * train_rows and len(ids) <= 1.1 * train_rows, (len(set(ids)), len(ids), train_rows)
-    per_step = len(ids) / plan["max_steps"]
-    assert per_step > 2 * 2, per_step  # 2 workers x 2 bins, each holding more than one row
+    ids = [i.rsplit(":", 1)[-1] for t in traced for i in t["ids"]]
+    assert sorted(ids, key=int) == [str(r) for r in range(1, 67)]  # every row, once
+    assert {t["step"] for t in traced} == set(range(1, 7))
+    # the seeded global order: not the file order
+    first = [int(i) for t in traced if t["step"] == 1 for i in (x.rsplit(":", 1)[-1] for x in t["ids"])]
+    assert first != sorted(first) or max(first) > 12, first
     losses = [h["loss"] for h in json.loads((Path(summary["model_dir"]) / "train_history.json").read_text())
               if "loss" in h]
-    assert losses[-1] < losses[0]
+    assert len(losses) == 6 and losses[-1] < losses[0]

@@ -1,0 +1,42 @@
+"""Before training: a run the cluster can never place is refused at once, with the numbers and the keys to
+change; streamed data never waits for CPUs that the trainers hold."""
+
+import time
+
+import pytest
+
+from sft_ray.cluster import Fit, check_resources, streaming_data_cpus
+from sft_ray.config import ConfigError, load_config
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def test_a_run_that_fits_is_let_through():
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    fit = check_resources(load_config(None, [f"train.num_workers={cpus}"]), use_gpu=False)
+    assert fit.bundles_now == cpus and fit.bundles_max is None  # local Ray: no autoscaler
+
+
+@pytest.mark.parametrize("overrides, use_gpu, needle", [
+    (["train.num_workers=50"], False, "needs 50 workers x (1 CPU) = 50 CPUs"),
+    (["train.num_workers=1", "train.cpus_per_worker=64"], False, "needs 1 workers x (64 CPUs)"),
+    (["train.num_workers=2"], True, "needs 2 workers x (1 CPU + 1 GPU) = 2 CPUs and 2 GPUs"),
+])
+def test_a_run_that_can_never_be_placed_is_refused_with_the_numbers(overrides, use_gpu, needle):
+    import ray
+
+    t0 = time.time()
+    with pytest.raises(ConfigError) as e:
+        check_resources(load_config(None, overrides), use_gpu=use_gpu)
+    msg = str(e.value)
+    assert needle in msg and f"the cluster has {ray.cluster_resources()['CPU']:g} CPUs" in msg, msg
+    assert "no autoscaler" in msg and "train.num_workers" in msg
+    assert time.time() - t0 < 5
+
+
+def test_streamed_data_tasks_ask_for_no_cpu_when_the_trainers_hold_them_all():
+    cfg = load_config(None, ["train.num_workers=2", "data.tokenize_cpus=0.5"])
+    assert streaming_data_cpus(cfg, Fit(2, None, 2.0, 0.0, 2.0, 1)) == 0.0  # `ray start --head` on 2 cores
+    assert streaming_data_cpus(cfg, Fit(3, None, 3.0, 0.0, 3.0, 1)) == 0.5  # one CPU to spare
