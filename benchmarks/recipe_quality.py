@@ -73,8 +73,9 @@ def main(argv: list[str]) -> None:
         walls[task] = {"sft_ray": s["wall_s"], "trl": t["wall_s"]}
         table.append((task, rows[task], s["steps"], t["steps"], sc["sft_ray"], sc["trl"], s["wall_s"], t["wall_s"]))
         print(f"{task}: sft-ray {sc['sft_ray']['exact_match']:.3f} {sc['sft_ray']['ci95']} in {s['wall_s']:.0f}s "
-              f"({s['steps']} steps) | trl {sc['trl']['exact_match']:.3f} {sc['trl']['ci95']} in {t['wall_s']:.0f}s "
-              f"({t['steps']} steps); e.g. {sc['sft_ray']['examples'][0]}", flush=True)
+              f"(loop {s.get('train_s', float('nan')):.0f}s, {s['steps']} steps) | trl {sc['trl']['exact_match']:.3f} "
+              f"{sc['trl']['ci95']} in {t['wall_s']:.0f}s (loop {t.get('train_s', float('nan')):.0f}s, {t['steps']} "
+              f"steps); e.g. {sc['sft_ray']['examples'][0]}", flush=True)
         shutil.rmtree(work / task, ignore_errors=True)
     print(f"\nheld-out exact match, {opts['eval_rows']} rows per task, {epochs:g} epoch(s) each; sft-ray: "
           f"jobs/configs/local-cpu.yaml {' '.join(overrides)}; trl: seed recipe {seed_recipe()}")
@@ -84,11 +85,12 @@ def main(argv: list[str]) -> None:
         print(f"{task:9} {n:5d} {ss:4d}/{ts:<4d} {a['exact_match']:8.3f} ({a['ci95'][0]:.2f}-{a['ci95'][1]:.2f})"
               f"       {b['exact_match']:8.3f} ({b['ci95'][0]:.2f}-{b['ci95'][1]:.2f})       {wa:14.0f} {wb:10.0f} "
               f"{wb / wa:10.2f}")
-    gaps = {t: scores[t]["sft_ray"]["exact_match"] - scores[t]["trl"]["exact_match"] for t in scores}
+    gaps = {t: scores[t]["sft_ray"]["exact_match"] - scores[t]["trl"]["exact_match"] for t in scores
+            if {"sft_ray", "trl"} <= set(scores[t])}
     ratios = {t: round(walls[t]["trl"] / walls[t]["sft_ray"], 3) for t in walls}
     total = sum(w["trl"] for w in walls.values()) / sum(w["sft_ray"] for w in walls.values())
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"min_score_gap_vs_trl": round(min(gaps.values()), 4), "score_gap_vs_trl": gaps,
+    print(json.dumps({"min_score_gap_vs_trl": round(min(gaps.values()), 4) if gaps else None, "score_gap_vs_trl": gaps,
                       "scores": scores, "wall_ratio_vs_trl": {"total": round(total, 3), "min": min(ratios.values()),
                                                               "per_task": ratios}, "wall_s": walls}))
 
