@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, score_models, sft_ray_leg, spawn, trl_leg  # noqa: E402
 
-ROWS = {"reverse": 400, "extract": 320, "shopping": 320, "lookup": 200}
+ROWS = {"reverse": 400, "extract": 320, "shopping": 320, "lookup": 120}
 MAX_NEW_TOKENS = {"reverse": 16, "extract": 40, "shopping": 32, "lookup": 8}
 
 
