@@ -447,7 +447,7 @@ def app_builder(args: dict[str, str]):
     """Entry for Serve config files: ``import_path: sft_ray.serve:app_builder`` with ``args: {model_dir: ...}``.
 
     Other args are ``serve.*`` config keys (e.g. ``max_tokens_limit: 256``); the API key is read from the
-    environment variable named by ``api_key_env``.
+    environment variable named by ``api_key_env``, and the build fails when that variable is unset or empty.
     """
     import os
 
@@ -457,7 +457,13 @@ def app_builder(args: dict[str, str]):
     model_dir = args.pop("model_dir")
     trust = str(args.pop("trust_remote_code", "false")).lower() == "true"
     cfg = ServeConfig.model_validate(args)
-    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    key = None
+    if cfg.api_key_env:  # fail closed: a config that names a key variable never serves without a key
+        key = os.environ.get(cfg.api_key_env, "").strip()
+        if not key:
+            raise ValueError(f"api_key_env names {cfg.api_key_env!r}, which is unset or empty where the app is "
+                             f"built; set it on the cluster (e.g. the application's runtime_env), or remove "
+                             f"api_key_env from the args to serve without authentication")
     return build(model_dir, cfg, trust, key)
 
 

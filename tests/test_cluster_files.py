@@ -74,3 +74,18 @@ def test_kuberay_manifests_agree_with_cluster_yaml():
     from sft_ray.config import ServeConfig
 
     ServeConfig.model_validate({k: v for k, v in app["args"].items() if k != "model_dir"})
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_serve_config_with_api_key_env_fails_closed_when_the_key_is_missing(value, monkeypatch):
+    """`serve deploy deploy/serve/sft-ray.yaml` with SFT_RAY_API_KEY unset or empty must not serve without a key."""
+    from sft_ray.serve import app_builder
+
+    app = yaml.safe_load((ROOT / "deploy/serve/sft-ray.yaml").read_text())["applications"][0]
+    env = app["args"]["api_key_env"]
+    if value is None:
+        monkeypatch.delenv(env, raising=False)
+    else:
+        monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=f"{env}.*unset or empty"):
+        app_builder(app["args"])
