@@ -69,6 +69,25 @@ def _text(value: Any, what: str, allow_empty: bool = False) -> str:
     return value
 
 
+def _content(value: Any, what: str, allow_empty: bool = False) -> str:
+    """A message's content: a string, or a list of OpenAI content parts (``[{"type": "text", "text": ...}]``)
+    whose text parts are joined as the Serve endpoint joins them. Models here are text-only, so any other part
+    (an image, audio) makes the row bad instead of being dropped from it."""
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                got = repr(kind) if isinstance(part, dict) else type(part).__name__
+                raise RowError(f"{what}[{j}] is a {got} content part; only 'text' parts can be trained on "
+                               "(the models here are text-only)")
+            texts.append(_text(part.get("text"), f"{what}[{j}].text", allow_empty=True))
+        value = "".join(texts)
+    elif not isinstance(value, str):
+        raise RowError(f"{what} must be a string or a list of content parts, got {type(value).__name__}")
+    return _text(value, what, allow_empty)
+
+
 def _check_messages(messages: Any, what: str = "messages", need_assistant: bool = True) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise RowError(f"{what} must be a non-empty list of messages")
@@ -85,7 +104,7 @@ def _check_messages(messages: Any, what: str = "messages", need_assistant: bool 
         if content is None and has_tool_calls:
             msg["content"] = ""
         else:
-            msg["content"] = _text(content, f"{what}[{i}].content ({role})", allow_empty=has_tool_calls)
+            msg["content"] = _content(content, f"{what}[{i}].content ({role})", allow_empty=has_tool_calls)
         out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise RowError(f"{what} has no assistant turn to train on")

@@ -1,6 +1,7 @@
 """The loss mask, checked by decoding: trained tokens == each assistant turn + its end-of-turn token."""
 
 import copy
+import re
 
 import pytest
 
@@ -110,6 +111,15 @@ def test_formats_train_on_the_completion(smol_tok, row, expected):
     assert trained_text(smol_tok, out["input_ids"], out["labels"]) == expected
 
 
+def test_content_parts_are_joined_like_the_serve_endpoint_joins_them(smol_tok):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "4."}]}]}
+    plain = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}
+    a, b = tokenize_example(to_example(parts), smol_tok, 512), tokenize_example(to_example(plain), smol_tok, 512)
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    assert trained_text(smol_tok, a["input_ids"], a["labels"]) == ["4.<|im_end|>"]
+
+
 def test_alpaca_prompt_layout(smol_tok):
     ex = to_example({"instruction": "Translate", "input": "chat", "output": "cat"})
     assert ex.messages[0] == {"role": "user", "content": "Translate\n\nchat"}
@@ -140,7 +150,14 @@ def test_too_long_truncate_or_drop(smol_tok):
         ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
         ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'wizard'"),
         ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "content (user) is empty"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string, got int"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+         "must be a string or a list of content parts, got int"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                                    {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                       {"role": "assistant", "content": "x"}]}, "content (user)[1] is a 'image_url' content part"),
+        ({"messages": [{"role": "user", "content": ["plain"]}, {"role": "assistant", "content": "x"}]},
+         "content (user)[0] is a str content part"),
+        ({"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "x"}]}, "content (user) is empty"),
         ({"messages": []}, "non-empty list"),
         ({"question": "q", "answer": "a"}, "matches no known format"),
         ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker 'alien'"),
@@ -149,7 +166,7 @@ def test_too_long_truncate_or_drop(smol_tok):
     ],
 )
 def test_bad_rows_have_reasons(row, reason):
-    with pytest.raises(RowError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RowError, match=re.escape(reason)):
         to_example(row)
 
 
