@@ -74,7 +74,7 @@ def trl_leg(data: str, sft_args: dict, save_to: str | None = None, epochs: float
     ds = load_dataset("json", data_files=data, split="train")
     out = tempfile.mkdtemp(prefix="bench-trl-")
     args = SFTConfig(output_dir=out, use_cpu=True, num_train_epochs=epochs, save_strategy="no", report_to="none",
-                     logging_steps=1, disable_tqdm=True, max_length=1024, seed=42, **sft_args)
+                     logging_steps=1, disable_tqdm=True, seed=42, **({"max_length": 1024} | sft_args))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     counted = {"tokens": 0}
     collate = trainer.data_collator

@@ -35,7 +35,10 @@ SEED = {"learning_rate": 8e-5, "per_device_train_batch_size": 1, "gradient_accum
 def fair_candidates(rows_per_step: int) -> dict[str, dict]:
     base = {"learning_rate": 1e-4, "per_device_train_batch_size": rows_per_step, "gradient_accumulation_steps": 1,
             "gradient_checkpointing": False}
-    return {f"{prec}_{layout}": {**base, "bf16": prec == "bf16", "padding_free": layout == "padding_free"}
+    # TRL refuses padding_free without packing unless max_length=None: the rows are pre-tokenized and already
+    # cut to the shipped data.max_length, so nothing is left to enforce
+    return {f"{prec}_{layout}": {**base, "bf16": prec == "bf16", "padding_free": layout == "padding_free",
+                                 **({"max_length": None} if layout == "padding_free" else {})}
             for prec in ("fp32", "bf16") for layout in ("padded", "padding_free")}
 
 

@@ -301,6 +301,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     import datasets
     import ray.train
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     from transformers import PrinterCallback
 
     from sft_ray.modeling import choose_precision, load_model, load_tokenizer
@@ -363,9 +364,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                                cfg.data.shuffle_buffer, cfg.seed)
     eval_stream = (EvalStream(ray.train.get_dataset_shard("eval"), cfg.train.per_device_batch_size,
                               tok.pad_token_id) if plan.has_eval else None)
-    datasets.disable_caching()  # no fingerprint hashing (dill dumps bytecode into the worker log)
-    # SFTTrainer peeks at one row of train_dataset for its checks; the real data comes from the Ray shard
-    sample = Dataset.from_dict({"input_ids": [[tok.eos_token_id] * 2], "labels": [[tok.eos_token_id] * 2]})
+    datasets.disable_caching()
+    # SFTTrainer peeks at one row of train_dataset for its checks; the real data comes from the Ray shard. The
+    # fingerprint is given: hashing the table goes through dill, whose stdout capture races with other threads
+    # and dumps bytecode into the job's log
+    sample = Dataset(InMemoryTable.from_pydict({"input_ids": [[tok.eos_token_id] * 2],
+                                                "labels": [[tok.eos_token_id] * 2]}), fingerprint="sft-ray-sample")
     counter = Counter()
     report = RayReport(rank, plan, counter)
     trace = ExampleTrace(Path(loop_cfg["output_dir"], "trace", f"rank{rank}.jsonl")) if cfg.train.trace_examples else None
