@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
         train, evals = write_task(work / task, rows[task], int(opts["eval_rows"]), seed=42, task=task)
         legs = opts["legs"].split(",")
         models = {k: str(work / task / k) for k in legs}
-        none = {"wall_s": float("nan"), "steps": 0}
+        none = {"wall_s": float("nan"), "train_s": float("nan"), "steps": 0}
         s = spawn(__file__, "sft_ray", str(train), models["sft_ray"], *overrides) if "sft_ray" in legs else none
         t = spawn(__file__, "trl", str(train), models["trl"], json.dumps(seed_recipe()), str(epochs)) \
             if "trl" in legs else none
@@ -73,8 +73,8 @@ def main(argv: list[str]) -> None:
         walls[task] = {"sft_ray": s["wall_s"], "trl": t["wall_s"]}
         table.append((task, rows[task], s["steps"], t["steps"], sc["sft_ray"], sc["trl"], s["wall_s"], t["wall_s"]))
         print(f"{task}: sft-ray {sc['sft_ray']['exact_match']:.3f} {sc['sft_ray']['ci95']} in {s['wall_s']:.0f}s "
-              f"(loop {s.get('train_s', float('nan')):.0f}s, {s['steps']} steps) | trl {sc['trl']['exact_match']:.3f} "
-              f"{sc['trl']['ci95']} in {t['wall_s']:.0f}s (loop {t.get('train_s', float('nan')):.0f}s, {t['steps']} "
+              f"(loop {s['train_s']:.0f}s, {s['steps']} steps) | trl {sc['trl']['exact_match']:.3f} "
+              f"{sc['trl']['ci95']} in {t['wall_s']:.0f}s (loop {t['train_s']:.0f}s, {t['steps']} "
               f"steps); e.g. {sc['sft_ray']['examples'][0]}", flush=True)
         shutil.rmtree(work / task, ignore_errors=True)
     print(f"\nheld-out exact match, {opts['eval_rows']} rows per task, {epochs:g} epoch(s) each; sft-ray: "

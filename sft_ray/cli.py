@@ -67,9 +67,7 @@ def _serve_forever(model_dir: str, cfg) -> int:
     from sft_ray import serve as sft_serve
     from sft_ray.cluster import say
 
-    key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
-    if cfg.serve.api_key_env and not key:
-        raise ConfigError(f"serve.api_key_env={cfg.serve.api_key_env}, but that environment variable is empty")
+    key = sft_serve.api_key_from_env(cfg.serve)
     try:  # Ctrl-C (SIGINT) stops cleanly, also while the app is still starting
         url = sft_serve.start(model_dir, cfg, key)
         say(f"serving {model_dir} at {url} ({'API key required' if key else 'no API key'}); Ctrl-C stops")

@@ -449,22 +449,30 @@ def app_builder(args: dict[str, str]):
     Other args are ``serve.*`` config keys (e.g. ``max_tokens_limit: 256``); the API key is read from the
     environment variable named by ``api_key_env``, and the build fails when that variable is unset or empty.
     """
-    import os
-
     from sft_ray.config import ServeConfig
 
     args = dict(args)
     model_dir = args.pop("model_dir")
     trust = str(args.pop("trust_remote_code", "false")).lower() == "true"
     cfg = ServeConfig.model_validate(args)
-    key = None
-    if cfg.api_key_env:  # fail closed: a config that names a key variable never serves without a key
-        key = os.environ.get(cfg.api_key_env, "").strip()
-        if not key:
-            raise ValueError(f"api_key_env names {cfg.api_key_env!r}, which is unset or empty where the app is "
-                             f"built; set it on the cluster (e.g. the application's runtime_env), or remove "
-                             f"api_key_env from the args to serve without authentication")
-    return build(model_dir, cfg, trust, key)
+    return build(model_dir, cfg, trust, api_key_from_env(cfg))
+
+
+def api_key_from_env(serve_cfg) -> str | None:
+    """The API key named by ``api_key_env``, for every way of starting the app (CLI, config file). Fails closed:
+    a config that names a key variable never serves without a key."""
+    import os
+
+    from sft_ray.config import ConfigError
+
+    if not serve_cfg.api_key_env:
+        return None
+    key = os.environ.get(serve_cfg.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"api_key_env names {serve_cfg.api_key_env!r}, which is unset or empty where the app is "
+                          "built; set it (on a cluster, e.g. in the application's runtime_env), or leave "
+                          "api_key_env out to serve without authentication")
+    return key
 
 
 def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False):
