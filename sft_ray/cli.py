@@ -243,11 +243,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        sys.stderr.write(f"sft-ray: {e}\n")
+        _last_words(str(e))
         return 2
     except (DataError, SourceError, ModelError, PlanError) as e:  # the user's data or model, not a bug: no traceback
-        sys.stderr.write(f"sft-ray: {e}\n")
+        _last_words(str(e))
         return 1
+    except Exception as e:
+        from sft_ray.data import find_data_error
+
+        found = find_data_error(e)
+        if found is None:
+            raise
+        # a bad row met while streaming (inside a Ray Data task on a worker): the trace stays in the log,
+        # and the file, line and reason are the last line, on their own
+        import traceback
+
+        traceback.print_exc()
+        _last_words(found)
+        return 1
+
+
+def _last_words(message: str) -> None:
+    """The reason a run stopped, as the last thing printed: Ray is shut down first, so that no log line it
+    forwards from the workers lands after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.write(f"sft-ray: {message}\n")
 
 
 if __name__ == "__main__":

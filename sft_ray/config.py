@@ -58,7 +58,11 @@ class DataConfig(_Strict):
     shuffle: Literal["global", "stream"] = Field(
         "global", description="global: a seeded global order, prepared before training; stream: file order with "
                               "a local buffer, read while training (for data too large to hold)")
-    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    loss_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="assistant: every assistant turn (content, tool calls, reasoning the template "
+                                 "keeps, end-of-turn token), never tool results; last_assistant: the final one; all")
+    train_reasoning: bool = Field(True, description="false: reasoning (<think> blocks, reasoning_content) is shown "
+                                                    "to the model but not trained")
     on_bad_rows: Literal["error", "skip"] = "error"
     validate_first: bool = Field(True, description="data.shuffle=stream: count and check every row before training "
                                                    "(global order always does)")

@@ -31,6 +31,27 @@ class DataError(ValueError):
     pass
 
 
+def find_data_error(e: BaseException) -> str | None:
+    """The message of a DataError that a remote task raised, however Ray Data and Ray Train wrapped it."""
+    import re
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, DataError):
+            return str(x)
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+        failures = getattr(x, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    found = re.findall(r"DataError: (.+)", str(e))
+    return found[-1].strip() if found else None
+
+
 def where(source: str, row: int) -> str:
     unit = "line" if source.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".json")) else "row"
     return f"{source} {unit} {row}" if row else source
@@ -83,7 +104,8 @@ def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
                 if not isinstance(obj, dict):
                     raise RowError(f"a record must be a JSON object, got {type(obj).__name__}")
                 ex = to_example(obj, data.format, data.columns)
-                t = tokenize_example(ex, tok, data.max_length, data.loss_on, data.too_long, data.template_kwargs)
+                t = tokenize_example(ex, tok, data.max_length, data.loss_on, data.too_long, data.template_kwargs,
+                                     data.train_reasoning)
                 ids, labels, n_tok, n_tr, truncated = (t["input_ids"], t["labels"], t["n_tokens"], t["n_trained"],
                                                        t["truncated"])
             except json.JSONDecodeError as e:

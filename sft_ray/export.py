@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from sft_ray.config import Config
 
 FINAL_MARKER = "sft_ray_final.json"
 FINAL_DIR = "final_model"
+FILES_KEY = "sft_ray_files"  # in the final marker: every other file of the final model, with its size
 MANIFEST = "sft_ray_manifest_rank{rank}.json"
 PROBE_FILE = "sft_ray_probe.pt"
 PROBE_TEXT = "sft-ray export check: the quick brown fox jumps over the lazy dog."
@@ -35,32 +38,41 @@ def mark_complete(ckpt: Path, step: int) -> None:
     os.replace(tmp, ckpt / MANIFEST.format(rank=rank))
 
 
-def check_checkpoint(path: Path, world: int, cfg: Config | None = None) -> int:
-    """The step of a complete training checkpoint; a clear error for one that is not.
+def _listing(fs, path: str) -> dict[str, int]:
+    """Every file under ``path`` with its size, in one listing call (local disk or object storage)."""
+    import pyarrow.fs as pafs
 
-    Ray Train registers a checkpoint only after every rank's upload has finished, so an interrupted upload
-    is never handed back; this is the second line of defence (a hand-copied or half-synced folder)."""
-    state = path / "trainer_state.json"
-    if not state.is_file():
+    base = path.rstrip("/") + "/"
+    return {i.path[len(base):]: i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if i.type == pafs.FileType.File and i.path.startswith(base)}
+
+
+def _read_json(fs, path: str) -> dict[str, Any]:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _checkpoint_step(fs, path: str, world: int, cfg: Config | None) -> int:
+    files = _listing(fs, path)
+    if "trainer_state.json" not in files:
         raise RuntimeError(f"checkpoint {path} is incomplete: no trainer_state.json")
-    step = int(json.loads(state.read_text())["global_step"])
-    manifests = sorted(path.glob("sft_ray_manifest_rank*.json"))
+    step = int(_read_json(fs, f"{path}/trainer_state.json")["global_step"])
+    manifests = sorted(n for n in files if re.fullmatch(r"sft_ray_manifest_rank\d+\.json", n))
     if len(manifests) != world:
         raise RuntimeError(f"checkpoint {path} is incomplete: {len(manifests)} rank manifests for {world} workers "
                            "(resume with the same train.num_workers it was written with)")
     for m in manifests:
-        listed = json.loads(m.read_text())
+        listed = _read_json(fs, f"{path}/{m}")
         if int(listed["step"]) != step:
-            raise RuntimeError(f"checkpoint {path} is inconsistent: {m.name} is of step {listed['step']}, the trainer "
+            raise RuntimeError(f"checkpoint {path} is inconsistent: {m} is of step {listed['step']}, the trainer "
                                f"state of step {step}")
         for name, size in listed["files"].items():
-            f = path / name
-            if not f.is_file() or f.stat().st_size != size:
-                raise RuntimeError(f"checkpoint {path} is incomplete: {name} (from {m.name}) is "
-                                   f"{'missing' if not f.is_file() else f'{f.stat().st_size} bytes, not {size}'}")
+            if files.get(name) != size:
+                raise RuntimeError(f"checkpoint {path} is incomplete: {name} (from {m}) is "
+                                   f"{'missing' if name not in files else f'{files[name]} bytes, not {size}'}")
     if cfg is not None and cfg.deepspeed.enabled:  # the optimizer state DeepSpeed needs to resume
-        shards = list(path.glob(f"global_step{step}/*optim_states.pt"))
-        whole = list(path.glob(f"global_step{step}/mp_rank_*_model_states.pt"))
+        shards = [n for n in files if n.startswith(f"global_step{step}/") and n.endswith("optim_states.pt")]
+        whole = [n for n in files if re.fullmatch(rf"global_step{step}/mp_rank_\d+_model_states\.pt", n)]
         if cfg.deepspeed.zero_stage == 0 and not whole:
             raise RuntimeError(f"checkpoint {path} is incomplete: no global_step{step}/mp_rank_00_model_states.pt "
                                "(DeepSpeed's model and optimizer state)")
@@ -69,12 +81,72 @@ def check_checkpoint(path: Path, world: int, cfg: Config | None = None) -> int:
     return step
 
 
+def check_checkpoint(path: Path, world: int, cfg: Config | None = None) -> int:
+    """The step of a complete training checkpoint; a clear error for one that is not.
+
+    Ray Train registers a checkpoint only after every rank's upload has finished, so an interrupted upload
+    is never handed back; this is the second line of defence (a hand-copied or half-synced folder)."""
+    import pyarrow.fs as pafs
+
+    return _checkpoint_step(pafs.LocalFileSystem(), str(Path(path).resolve()), world, cfg)
+
+
+@dataclass
+class Found:
+    """The newest complete training checkpoint under a run's folder in storage, and the newer ones skipped."""
+    path: str | None
+    step: int
+    skipped: list[str]
+
+
+def latest_checkpoint(fs, run_dir: str, world: int, cfg: Config) -> Found:
+    """Scan the run's storage folder itself instead of trusting only Ray Train's record of it.
+
+    Ray Train records a checkpoint some time after the workers have uploaded it (its controller polls them);
+    a driver stopped in between leaves a complete checkpoint that Ray's record lacks, and the same command
+    would silently train from step 0 again. Complete means every rank's manifest and every file it lists."""
+    import pyarrow.fs as pafs
+
+    dirs = [i for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint-\d+", i.base_name)]
+    skipped: list[str] = []
+    for d in sorted(dirs, key=lambda i: int(i.base_name.split("-")[1]), reverse=True):
+        try:
+            return Found(d.path, _checkpoint_step(fs, d.path, world, cfg), skipped)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            skipped.append(f"{d.base_name}: {e}")
+    return Found(None, 0, skipped)
+
+
+def step_of(checkpoint_path: str) -> int:
+    """The step a checkpoint folder's name gives (``checkpoint-0000012``); the final model counts as last."""
+    name = checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", name) else 1 << 62
+
+
 def is_final(path: Path) -> bool:
-    return (path / FINAL_MARKER).is_file()
+    import pyarrow.fs as pafs
+
+    return final_problem(pafs.LocalFileSystem(), str(Path(path).resolve())) is None
+
+
+def final_problem(fs, path: str) -> str | None:
+    """Why the folder is not a complete final model, or None. The marker is written last and lists every
+    other file with its size, so a final model whose upload was cut short is never taken as finished."""
+    files = _listing(fs, path)
+    if FINAL_MARKER not in files:
+        return f"no {FINAL_MARKER}"
+    listed = _read_json(fs, f"{path}/{FINAL_MARKER}").get(FILES_KEY, {})  # absent: written by an older sft-ray
+    for name, size in listed.items():
+        if files.get(name) != size:
+            return f"{name} is {'missing' if name not in files else f'{files[name]} bytes, not {size}'}"
+    return None
 
 
 def final_metrics(path: Path) -> dict[str, Any]:
-    return json.loads((path / FINAL_MARKER).read_text())
+    marker = json.loads((path / FINAL_MARKER).read_text())
+    marker.pop(FILES_KEY, None)
+    return marker
 
 
 def export_model(trainer, tok, cfg: Config, dest: Path, rank: int, history: list, final: dict[str, Any]) -> Path:
@@ -103,7 +175,8 @@ def export_model(trainer, tok, cfg: Config, dest: Path, rank: int, history: list
     gen.eos_token_id, gen.pad_token_id = tok.eos_token_id, tok.pad_token_id
     gen.save_pretrained(str(dest))
     (dest / "train_history.json").write_text(json.dumps(history, indent=1))
-    (dest / FINAL_MARKER).write_text(json.dumps(final))
+    files = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*")) if p.is_file()}
+    (dest / FINAL_MARKER).write_text(json.dumps({**final, FILES_KEY: files}))  # last: it vouches for the rest
     return dest
 
 
@@ -139,8 +212,11 @@ def export_final(checkpoint, dest: Path) -> Path:
     tmp = dest.with_name(f".{dest.name}.incoming")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.to_directory(str(tmp))
-    if not is_final(tmp):
-        raise RuntimeError(f"the last checkpoint ({checkpoint.path}) is not a finished model")
+    import pyarrow.fs as pafs
+
+    problem = final_problem(pafs.LocalFileSystem(), str(tmp))
+    if problem is not None:
+        raise RuntimeError(f"the last checkpoint ({checkpoint.path}) is not a finished model: {problem}")
     old = dest.with_name(f".{dest.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():

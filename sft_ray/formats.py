@@ -2,11 +2,15 @@
 
 Formats: chat ``messages``; ``prompt``/``completion`` (strings or message lists); Alpaca
 ``instruction``/``input``/``output``; ShareGPT ``conversations`` (``from``/``value``); plain ``text``.
+Chat rows may carry tool use in the OpenAI shape (assistant ``tool_calls``, ``tool`` turns, a ``tools``
+column of function schemas; ShareGPT's ``function_call``/``observation`` turns) and reasoning
+(``reasoning_content``, or ``<think>`` blocks inside the content).
 Every failure raises :class:`RowError` with a reason a person can act on; the caller adds file and row.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ SHAREGPT_ROLES = {
     "function": "tool",
     "observation": "tool",
     "function_response": "tool",
+    "function_call": "assistant",  # its value is the call: {"name": ..., "arguments": ...}
 }
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text")
 
@@ -41,6 +46,8 @@ class Example:
     text: str | None = None
     # prompt/completion rows: assistant turns before this index belong to the prompt and are not trained
     train_from: int = 0
+    # function schemas handed to the chat template (``tools=``), from the row's ``tools`` column
+    tools: list[dict[str, Any]] | None = None
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -88,6 +95,72 @@ def _content(value: Any, what: str, allow_empty: bool = False) -> str:
     return _text(value, what, allow_empty)
 
 
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RowError(f"{what} is not valid JSON ({e.msg} at character {e.pos}): {text[:80]!r}") from None
+
+
+def _arguments(value: Any, what: str) -> dict[str, Any]:
+    """A tool call's arguments as the object chat templates expect (they render it with ``tojson``); a JSON
+    string is parsed, so a call the model is trained to make is always valid JSON."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        value = _json(value, what)
+    if not isinstance(value, dict):
+        raise RowError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _tool_calls(value: Any, what: str) -> list[dict[str, Any]]:
+    """OpenAI-shape calls (``{"type": "function", "id", "function": {"name", "arguments"}}``; a bare
+    ``{"name", "arguments"}`` too), normalised to that shape with ``arguments`` as an object."""
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{what} must be a non-empty list of tool calls")
+    out = []
+    for j, call in enumerate(value):
+        w = f"{what}[{j}]"
+        if not isinstance(call, dict):
+            raise RowError(f"{w} is not an object")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict):
+            raise RowError(f"{w}.function is not an object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RowError(f"{w} has no function name")
+        norm: dict[str, Any] = {"type": "function", "function": {
+            "name": name, "arguments": _arguments(fn.get("arguments"), f"{w}.function.arguments")}}
+        if call.get("id") is not None:
+            norm["id"] = str(call["id"])
+        out.append(norm)
+    return out
+
+
+def _check_tool_turns(out: list[dict[str, Any]], what: str) -> None:
+    """Each tool result answers a call: it follows an assistant turn with ``tool_calls`` (or another result
+    of that turn), there are no more results than calls, and a ``tool_call_id`` names one of the calls."""
+    calls: list[dict[str, Any]] | None = None
+    answered = 0
+    for i, m in enumerate(out):
+        if m["role"] != "tool":
+            calls = m.get("tool_calls") if m["role"] == "assistant" else None
+            answered = 0
+            continue
+        if not calls:
+            raise RowError(f"{what}[{i}] is a tool result with no tool call before it (the assistant turn before "
+                           "a tool turn must have tool_calls)")
+        answered += 1
+        if answered > len(calls):
+            raise RowError(f"{what}[{i}] is tool result {answered} for {len(calls)} tool call(s)")
+        ids = {c["id"] for c in calls if "id" in c}
+        cid = m.get("tool_call_id")
+        if cid is not None and ids and str(cid) not in ids:
+            raise RowError(f"{what}[{i}] answers tool_call_id {cid!r}, which no call before it has "
+                           f"(calls: {', '.join(sorted(ids))})")
+
+
 def _check_messages(messages: Any, what: str = "messages", need_assistant: bool = True) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise RowError(f"{what} must be a non-empty list of messages")
@@ -100,6 +173,12 @@ def _check_messages(messages: Any, what: str = "messages", need_assistant: bool 
             raise RowError(f"{what}[{i}] has unknown role {role!r} (allowed: {', '.join(ROLES)})")
         msg = {k: v for k, v in m.items() if v is not None}
         has_tool_calls = role == "assistant" and bool(m.get("tool_calls"))
+        if has_tool_calls:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{what}[{i}].tool_calls")
+        else:
+            msg.pop("tool_calls", None)  # [] or a column other rows fill
+        if role == "assistant" and m.get("reasoning_content") is not None:
+            _text(m["reasoning_content"], f"{what}[{i}].reasoning_content", allow_empty=True)
         content = m.get("content")
         if content is None and has_tool_calls:
             msg["content"] = ""
@@ -108,7 +187,35 @@ def _check_messages(messages: Any, what: str = "messages", need_assistant: bool 
         out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise RowError(f"{what} has no assistant turn to train on")
+    _check_tool_turns(out, what)
     return out
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """The ``tools`` column: a list of function schemas (OpenAI ``{"type": "function", "function": {...}}``
+    or bare ``{"name", "description", "parameters"}``), or that list as a JSON string."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        value = _json(value, "tools")
+    if not isinstance(value, list):
+        raise RowError(f"tools must be a list of function schemas, got {type(value).__name__}")
+    for j, t in enumerate(value):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RowError(f"tools[{j}] is not a function schema with a name")
+    return value
+
+
+def _sharegpt_turn(turn: dict[str, Any], role: str, i: int) -> dict[str, Any]:
+    value = turn.get("value", turn.get("content"))
+    if str(turn.get("from", turn.get("role"))).lower() != "function_call":
+        return {"role": role, "content": value}
+    what = f"conversations[{i}].value (function_call)"
+    if isinstance(value, str):
+        value = _json(value, what)
+    calls = value if isinstance(value, list) else [value]
+    return {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, what)}
 
 
 def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] | None = None) -> Example:
@@ -118,7 +225,7 @@ def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] |
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "messages":
-        return Example(messages=_check_messages(row.get("messages")))
+        return Example(messages=_check_messages(row.get("messages")), tools=_tools(row.get("tools")))
     if fmt == "sharegpt":
         conv = row.get("conversations")
         if not isinstance(conv, list) or not conv:
@@ -133,14 +240,15 @@ def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] |
                 raise RowError(
                     f"conversations[{i}] has unknown speaker {who!r} (allowed: {', '.join(sorted(SHAREGPT_ROLES))})"
                 )
-            msgs.append({"role": role, "content": turn.get("value", turn.get("content"))})
-        return Example(messages=_check_messages(msgs, "conversations"))
+            msgs.append(_sharegpt_turn(turn, role, i))
+        return Example(messages=_check_messages(msgs, "conversations"), tools=_tools(row.get("tools")))
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
             p = _check_messages(prompt, "prompt", need_assistant=False)
             c = _check_messages(completion, "completion")
-            return Example(messages=p + c, train_from=len(p))
+            return Example(messages=_check_messages(p + c, "prompt+completion"), train_from=len(p),
+                           tools=_tools(row.get("tools")))
         p = _text(prompt, "prompt")
         c = _text(completion, "completion")
         msgs = ([{"role": "system", "content": _text(row["system"], "system")}] if row.get("system") else [])

@@ -52,8 +52,10 @@ def make(cfg: Config, data_digest: str, data_rows: int) -> dict[str, Any]:
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Human-readable differences between two identities (empty when they match)."""
     a, b = saved.get("config", {}), now.get("config", {})
+    # a key the saved identity lacks was added by a newer sft-ray: at its default it means what the older did
+    defaults = result_keys(Config())
     diffs = [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+             if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
     da, db = saved.get("data", {}), now.get("data", {})
     if da.get("digest") != db.get("digest"):
         diffs.append(f"the tokenized training data ({da.get('rows')} rows, digest {da.get('digest')} -> "

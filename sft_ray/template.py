@@ -1,18 +1,27 @@
 """Chat template rendering, tokenization and the loss mask.
 
-The mask is found by rendering the conversation turn by turn (``messages[:i]`` with the generation
-prompt, then ``messages[:i+1]``), so it works with any chat template, not only those with
-``{% generation %}`` markers. Trained tokens are each assistant turn's rendered text plus the
-turn's end-of-turn special token, and nothing else.
+The model is trained on exactly the text ``apply_chat_template`` gives for the whole conversation (with the
+row's ``tools``). The mask is found by rendering it turn by turn: an assistant turn's trained text starts
+where the generation prompt for it ends (``messages[:i]`` with ``add_generation_prompt``) and ends where the
+template ends that turn (``messages[:i+1]``, trailing whitespace aside): its content, reasoning, tool calls
+and end-of-turn token, as the template writes them, and nothing of the next turn. This works with any chat
+template, not only those with ``{% generation %}`` markers. Templates that render a turn differently once
+later turns follow (Qwen3 drops the reasoning of turns before the last user message, and writes an empty
+think block only for the final turn) are handled by locating the turn in the whole text instead, and every
+turn is checked: a template that leaves out a turn's content, its tool calls, the ``tools`` schemas or the
+final turn's reasoning makes the row bad instead of silently training on less than the data holds.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sft_ray.formats import Example, RowError
 
 IGNORE_INDEX = -100
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_PROBE = "\x00sft-ray-probe\x00"
 
 
 class TooLong(Exception):
@@ -20,44 +29,141 @@ class TooLong(Exception):
 
 
 def render(tok, messages, add_generation_prompt: bool = False, **kwargs: Any) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    except TemplateError as e:  # raise_exception(...) in the template, or a template bug this row reaches
+        raise RowError(f"the chat template refused this conversation: {e}") from None
 
 
-def _special_ids(tok) -> set[int]:
-    """Special token ids, cached per tokenizer; keyed by its size so that adding tokens (or a deepcopy that
-    then adds some) never reuses a stale set."""
-    size = len(tok)
-    cached = getattr(tok, "_sft_ray_special_ids", None)
-    if cached is None or cached[0] != size:
-        ids = set(tok.all_special_ids)
-        ids |= {i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)}
-        cached = (size, ids)
-        tok._sft_ray_special_ids = cached
-    return cached[1]
+def _probe_turn(tok, kwargs) -> tuple[str, str]:
+    """What the template writes before an assistant turn's content (the generation prompt) and after it
+    (the end-of-turn text), read off a probe conversation; cached on the tokenizer per template and kwargs."""
+    kw = {k: v for k, v in kwargs.items() if k != "tools"}
+    key = (tok.chat_template, repr(sorted(kw.items())))
+    cache = tok.__dict__.setdefault("_sft_ray_probe", {})
+    if key not in cache:
+        cache[key] = _probe(tok, kw)
+    return cache[key]
 
 
-def _assistant_char_spans(tok, messages, targets: list[int], full: str, kwargs) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each target assistant turn in ``full``, end-of-turn excluded."""
+def _probe(tok, kw) -> tuple[str, str]:
+    user = [{"role": "user", "content": "x"}]
+    base = render(tok, user, **kw)
+    gen = render(tok, user, add_generation_prompt=True, **kw)[len(base):]
+    whole = render(tok, user + [{"role": "assistant", "content": _PROBE}], **kw)
+    after = whole[whole.rfind(_PROBE) + len(_PROBE):] if _PROBE in whole else ""
+    return gen, after.strip()
+
+
+def _without_reasoning(m: dict[str, Any]) -> dict[str, Any]:
+    m = {k: v for k, v in m.items() if k != "reasoning_content"}
+    if THINK_CLOSE in m["content"]:
+        m["content"] = m["content"].split(THINK_CLOSE)[-1].lstrip("\n")
+    return m
+
+
+def _contexts(msgs: list[dict[str, Any]], i: int):
+    """The conversation before turn ``i`` as the whole text may render it: as is; with the reasoning of
+    assistant turns before the last user message dropped (Qwen3); with all earlier reasoning dropped."""
+    yield msgs[:i]
+    if not any(m["role"] == "assistant" and (m.get("reasoning_content") or THINK_CLOSE in m["content"])
+               for m in msgs[:i]):
+        return
+    last_user = max((k for k, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    yield [_without_reasoning(m) if m["role"] == "assistant" and k < last_user else m for k, m in enumerate(msgs[:i])]
+    yield [_without_reasoning(m) if m["role"] == "assistant" else m for m in msgs[:i]]
+
+
+def _turn_start(tok, msgs, i: int, full: str, kwargs) -> int:
+    if i > 0:
+        for ctx in _contexts(msgs, i):
+            before = render(tok, ctx, add_generation_prompt=True, **kwargs)
+            if full.startswith(before):
+                return len(before)
+            base = render(tok, ctx, **kwargs)
+            if full.startswith(base):  # a generation prompt the turn lacks (enable_thinking=false's empty block)
+                return len(base) + len(os.path.commonprefix([before[len(base):], full[len(base):]]))
+        raise RowError(
+            f"the chat template does not render this conversation turn by turn (the text before assistant turn {i} "
+            "is not a prefix of the whole), so its assistant turns cannot be masked; set data.loss_on=last_assistant")
+    gen = _probe_turn(tok, kwargs)[0]
+    pos = full.find(gen) if gen else -1  # a conversation that opens with the assistant
+    if pos < 0:
+        raise RowError("the conversation opens with an assistant turn and the chat template's generation prompt "
+                       "is not in its text, so the turn cannot be located")
+    return pos + len(gen)
+
+
+def _turn_end(tok, msgs, i: int, start: int, full: str, kwargs) -> int:
+    upto = render(tok, msgs[: i + 1], **kwargs) if i + 1 < len(msgs) else full
+    if full.startswith(upto) and len(upto.rstrip()) > start:
+        return len(upto.rstrip())
+    # the turn renders differently once later turns follow: it ends at the template's end-of-turn text
+    eot = _probe_turn(tok, kwargs)[1]
+    pos = full.find(eot, start) if eot else -1
+    if pos < 0:
+        raise RowError(f"the chat template renders assistant turn {i} differently inside the conversation than at "
+                       "its end, and has no end-of-turn text to find it by; set data.loss_on=last_assistant")
+    return pos + len(eot)
+
+
+def _check_turn(m: dict[str, Any], i: int, text: str, last: bool, train_reasoning: bool) -> None:
+    """The trained text of turn ``i`` holds what the data says the assistant wrote."""
+    answer = m["content"].split(THINK_CLOSE)[-1].strip()
+    if answer and answer not in text:
+        raise RowError(f"the chat template rewrote assistant turn {i}: its content is not in the text trained for it")
+    for c in m.get("tool_calls", []):
+        name = c["function"]["name"]
+        if name not in text:
+            raise RowError(
+                f"the chat template does not render tool calls (assistant turn {i}'s call to {name!r} is not in its "
+                "text), so they would not be trained; give a template that does as model.chat_template (e.g. "
+                "model.chat_template=chatml)")
+    reasoning = (m.get("reasoning_content") or "").strip()
+    if last and train_reasoning and reasoning and reasoning not in text:
+        raise RowError(
+            f"the chat template leaves out the reasoning_content of the final assistant turn {i}, so it would not be "
+            "trained; give a template that renders it (e.g. model.chat_template=chatml), put it in the content as "
+            "<think>...</think>, or set data.train_reasoning=false")
+
+
+def _reasoning_span(m: dict[str, Any], text: str) -> tuple[int, int] | None:
+    """Where the turn's reasoning sits in its trained text: a <think> block (tags included), or the
+    reasoning_content as the template wrote it."""
+    a = text.find(THINK_OPEN)
+    b = text.find(THINK_CLOSE, a + 1) if a >= 0 else -1
+    if a >= 0 and b >= 0:
+        end = b + len(THINK_CLOSE)
+        return a, end + (len(text[end:]) - len(text[end:].lstrip()))
+    r = (m.get("reasoning_content") or "").strip()
+    k = text.find(r) if r else -1
+    return (k, k + len(r)) if k >= 0 else None
+
+
+def _assistant_char_spans(tok, ex: Example, targets: list[int], full: str, kwargs,
+                          train_reasoning: bool = True) -> list[tuple[int, int]]:
+    """Character spans [start, end) of ``full`` to train: each target assistant turn as the template wrote it."""
+    msgs = ex.messages or []
+    last_assistant = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
     spans = []
     for i in targets:
-        upto = render(tok, messages[: i + 1], **kwargs) if i + 1 < len(messages) else full
-        if not full.startswith(upto):
-            raise RowError(
-                f"the chat template does not render this conversation turn by turn (the text of the first {i + 1} "
-                "messages is not a prefix of the whole), so earlier assistant turns cannot be masked; "
-                "set data.loss_on=last_assistant"
-            )
-        before = render(tok, messages[:i], add_generation_prompt=True, **kwargs) if i > 0 else ""
-        search_from = len(before) if upto.startswith(before) else 0
-        pos, content = -1, ""
-        for content in (messages[i]["content"], messages[i]["content"].strip()):  # some templates trim
-            pos = upto.rfind(content, search_from) if content else len(upto.rstrip())
-            if pos >= 0:
-                break
-        if pos < 0:
-            raise RowError(f"the chat template rewrote assistant turn {i}: its content is not in the rendered text")
-        start = len(before) if upto.startswith(before) and len(before) <= pos else pos
-        spans.append((start, pos + len(content)))
+        start = _turn_start(tok, msgs, i, full, kwargs)
+        end = _turn_end(tok, msgs, i, start, full, kwargs)
+        text = full[start:end]
+        _check_turn(msgs[i], i, text, i == last_assistant, train_reasoning)
+        cut = None if train_reasoning else _reasoning_span(msgs[i], text)
+        if cut is None:
+            spans.append((start, end))
+        else:
+            spans += [(a, b) for a, b in ((start, start + cut[0]), (start + cut[1], end)) if b > a]
+    if ex.tools:
+        names = [t.get("function", t)["name"] for t in ex.tools]
+        if not any(n in full[: spans[0][0]] for n in names):
+            raise RowError(f"the chat template ignores the row's tools (none of {', '.join(names[:5])} is in the "
+                           "rendered text), so the model would be trained to call tools it was never shown; give a "
+                           "template that renders tools as model.chat_template (e.g. model.chat_template=chatml)")
     return spans
 
 
@@ -76,9 +182,12 @@ def tokenize_example(
     loss_on: str = "assistant",
     too_long: str = "truncate",
     template_kwargs: dict[str, Any] | None = None,
+    train_reasoning: bool = True,
 ) -> dict[str, Any]:
     """Return ``input_ids``, ``labels`` (-100 where not trained) and counts for one example."""
-    kwargs = template_kwargs or {}
+    kwargs = dict(template_kwargs or {})
+    if ex.tools:
+        kwargs["tools"] = ex.tools
     if ex.text is not None:
         ids = tok(ex.text, add_special_tokens=True)["input_ids"]
         if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
@@ -93,19 +202,11 @@ def tokenize_example(
             labels = list(ids)
         else:
             labels = [IGNORE_INDEX] * len(ids)
-            special = _special_ids(tok)
-            for start, end in _assistant_char_spans(tok, msgs, _target_turns(ex, loss_on), full, kwargs):
-                last = -1
+            spans = _assistant_char_spans(tok, ex, _target_turns(ex, loss_on), full, kwargs, train_reasoning)
+            for start, end in spans:
                 for k, (s, e) in enumerate(offsets):
                     if s < end and e > start and e > s:
                         labels[k] = ids[k]
-                        last = k
-                # the end-of-turn token: first special token after the content (skipping lone whitespace)
-                k = last + 1
-                while k < len(ids) and ids[k] not in special and not full[offsets[k][0] : offsets[k][1]].strip() and k - last <= 2:
-                    k += 1
-                if k < len(ids) and ids[k] in special:
-                    labels[k] = ids[k]
     truncated = False
     if len(ids) > max_length:
         if too_long == "drop":

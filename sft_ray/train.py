@@ -18,7 +18,7 @@ from sft_ray import cluster, export, identity
 from sft_ray.cluster import init_ray, say
 from sft_ray.config import Config, dump_config
 
-PROBE_FILE, FINAL_DIR, FINAL_MARKER = export.PROBE_FILE, export.FINAL_DIR, export.FINAL_MARKER
+PROBE_FILE, FINAL_DIR = export.PROBE_FILE, export.FINAL_DIR
 
 
 def train_loop(loop_cfg: dict[str, Any]) -> None:
@@ -133,14 +133,28 @@ def _ingest_config(split: list[str]):
 
 
 def _finished_checkpoint(cfg: Config):
-    """The final model of this run in Ray storage, if the run finished."""
+    """The final model of this run in Ray storage, if the run finished (and its upload was not cut short)."""
     import ray.train
 
     fs, d = identity.run_dir(cfg.storage_path, cfg.train.name)
     final = f"{d}/{FINAL_DIR}"
-    if not identity.exists(fs, f"{final}/{FINAL_MARKER}"):
+    if not identity.exists(fs, final) or export.final_problem(fs, final) is not None:
         return None
     return ray.train.Checkpoint(path=final, filesystem=fs)
+
+
+def _stored_checkpoint(cfg: Config) -> dict[str, Any] | None:
+    """The newest complete checkpoint in the run's storage folder, for the workers to resume from when Ray
+    Train's own record of the run lacks it (see ``export.latest_checkpoint``)."""
+    import ray.train
+
+    fs, d = identity.run_dir(cfg.storage_path, cfg.train.name)
+    found = export.latest_checkpoint(fs, d, cfg.train.num_workers, cfg)
+    for why in found.skipped:
+        say(f"not resuming from {why}")
+    if found.path is None:
+        return None
+    return {"checkpoint": ray.train.Checkpoint(path=found.path, filesystem=fs), "step": found.step}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -178,6 +192,7 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["plan"] = plan.to_dict()
 
     finished = _finished_checkpoint(cfg) if state == "same" else None
+    stored = _stored_checkpoint(cfg) if state == "same" and finished is None else None
     if finished is not None:
         say(f"run {cfg.train.name!r} already finished with this config and data ({cfg.storage_path}/"
             f"{cfg.train.name}); exporting its model again (train.resume=false trains it again)")
@@ -187,7 +202,8 @@ def run(cfg: Config) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(),
-                               "output_dir": str(out.resolve()), "train_dataset": prep.train_dataset},
+                               "output_dir": str(out.resolve()), "train_dataset": prep.train_dataset,
+                               "stored_checkpoint": stored},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers, use_gpu=on_gpu,
                 resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if on_gpu else {})},

@@ -333,6 +333,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     # restore
     local = Path(tempfile.mkdtemp(prefix=f"sft-ray-{cfg.train.name}-rank{rank}-"))
     checkpoint = ray.train.get_checkpoint()
+    stored, from_storage = loop_cfg.get("stored_checkpoint"), False
+    if stored is not None and (checkpoint is None or export.step_of(checkpoint.path) < stored["step"]):
+        checkpoint, from_storage = stored["checkpoint"], True  # newer than Ray Train's record of the run
     resume_dir = None
     if checkpoint is not None:
         resume_dir = Path(checkpoint.to_directory(str(local / "resume")))
@@ -343,7 +346,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             return
         step = export.check_checkpoint(resume_dir, world, cfg)
         if rank == 0:
-            say(f"resuming from checkpoint at step {step} ({checkpoint.path})")
+            where = "; found in storage, not yet in Ray Train's record of the run" if from_storage else ""
+            say(f"resuming from checkpoint at step {step} ({checkpoint.path}{where})")
 
     # build the trainer
     tok = load_tokenizer(cfg.model)
@@ -381,7 +385,15 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     trainer.remove_callback(PrinterCallback)
 
     # train
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    except Exception as e:  # a bad row in a streamed shard: hand the driver the reason itself, not Ray Data's
+        from sft_ray.data import DataError, find_data_error  # wrapper (whose cause is lost on the way)
+
+        found = find_data_error(e)
+        if found is None:
+            raise
+        raise DataError(found) from e
     final = {**report.latest, "step": trainer.state.global_step}
     evaluated_last_step = bool(eval_steps) and trainer.state.global_step % eval_steps == 0 and "eval_loss" in report.latest
     if eval_stream is not None and not evaluated_last_step:  # (the last step's eval is the final one)

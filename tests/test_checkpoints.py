@@ -105,3 +105,44 @@ def test_export_never_leaves_a_half_written_model(tmp_path):
     with pytest.raises(RuntimeError, match="not a finished model"):
         export_final(_real(partial), dest)
     assert (dest / "model.safetensors").read_text() == "v1"
+
+
+def test_newest_complete_checkpoint_in_storage_is_found_without_ray_trains_record(tmp_path):
+    """A driver stopped between the workers' upload and Ray Train's record of it leaves a complete checkpoint
+    that only a scan of the storage folder finds; a newer one cut short is skipped with its reason."""
+    import pyarrow.fs as pafs
+
+    from sft_ray.export import latest_checkpoint
+
+    run = tmp_path / "store" / "ft"
+    _ckpt(run / "checkpoint-0000003", step=3)
+    _ckpt(run / "checkpoint-0000006", step=6)
+    _ckpt(run / "checkpoint-0000009", step=9, drop="rng_state_1.pth")  # upload cut short
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    fs, path = pafs.FileSystem.from_uri(f"file://{run}")  # as storage URIs (s3://, gs://) are opened
+    found = latest_checkpoint(fs, path, world=2, cfg=_cfg(2))
+    assert (found.step, found.path.rsplit("/", 1)[-1]) == (6, "checkpoint-0000006")
+    assert len(found.skipped) == 1 and "checkpoint-0000009" in found.skipped[0] and "rng_state_1.pth" in found.skipped[0]
+    # ZeRO-2 state of 2 ranks does not resume a 3-worker run
+    assert latest_checkpoint(fs, path, world=3, cfg=_cfg(2)).path is None
+    assert latest_checkpoint(fs, f"{path}/missing", world=2, cfg=_cfg(2)).path is None
+
+
+def test_final_model_whose_upload_was_cut_short_is_not_finished(tmp_path):
+    """The final marker lists every file of the model with its size, so a partial upload that happens to
+    include the marker is not taken for a finished run."""
+    import pyarrow.fs as pafs
+
+    from sft_ray.export import FILES_KEY, final_metrics, final_problem, is_final
+
+    f = tmp_path / "final_model"
+    f.mkdir()
+    (f / "model.safetensors").write_bytes(b"w" * 50)
+    (f / FINAL_MARKER).write_text(json.dumps({"loss": 1.5, FILES_KEY: {"model.safetensors": 50}}))
+    assert is_final(f) and final_metrics(f) == {"loss": 1.5}
+    (f / "model.safetensors").write_bytes(b"w" * 20)
+    assert final_problem(pafs.LocalFileSystem(), str(f)) == "model.safetensors is 20 bytes, not 50"
+    (f / "model.safetensors").unlink()
+    assert not is_final(f)
+    with pytest.raises(RuntimeError, match="not a finished model: model.safetensors is missing"):
+        export_final(_real(f), tmp_path / "model")

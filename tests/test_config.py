@@ -102,3 +102,8 @@ def test_run_identity_ignores_only_result_free_keys():
     other = identity.make(load_config(None, ["train.learning_rate=1e-3", "data.packing=true"]), "d1", 10)
     assert [d.split(":")[0] for d in identity.differences(a, other)] == ["data.packing", "train.learning_rate"]
     assert "tokenized training data" in identity.differences(a, identity.make(load_config(None, []), "d2", 10))[0]
+    # a run recorded by an older sft-ray lacks keys added since: at their defaults they change nothing
+    older = {**a, "config": {k: v for k, v in a["config"].items() if k != "data.train_reasoning"}}
+    assert identity.differences(older, a) == []
+    off = identity.make(load_config(None, ["data.train_reasoning=false"]), "d1", 10)
+    assert identity.differences(older, off) == ["data.train_reasoning: null -> false"]

@@ -2,8 +2,11 @@
 (jobs/configs/local-cpu.yaml: packed rows, ZeRO-0, precision chosen on the worker) and on ZeRO-2 (sharded
 optimizer state, fp32, unpacked):
 
-- a worker process SIGKILLed mid-run: the group restarts from the latest checkpoint and finishes;
-- the driver stopped with SIGTERM: workers go away, the checkpoint stays, the same command resumes.
+- a worker process SIGKILLed mid-run (default config): the group restarts from the latest checkpoint Ray
+  Train recorded and finishes;
+- the driver stopped with SIGTERM (ZeRO-2): workers go away, the checkpoints stay, and the same command resumes
+  from them even without Ray Train's record of them (a driver that dies between the workers' upload and
+  that record leaves exactly this; the record is deleted to make the case certain).
 
 Each is compared with an uninterrupted run of the same config and seed: after the resume the step numbers
 continue, every step trains on exactly the examples the uninterrupted run used at that step (no example
@@ -157,7 +160,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tmp_path_factor
           f"{t_resumed - t_kill:.1f}s later; run finished {t_done - t_kill:.1f}s after the kill")
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", ["zero2"])
 def test_driver_stopped_then_restarted_resumes(tmp_path, tmp_path_factory, tiny_model_dir, config):
     reference = _reference(config, tmp_path_factory, tiny_model_dir)
     log1 = tmp_path / "log1.txt"
@@ -177,10 +180,17 @@ def test_driver_stopped_then_restarted_resumes(tmp_path, tmp_path_factory, tiny_
     assert _worker_pids() == []
     ckpts = sorted(p.name for p in (tmp_path / "ray" / "ft").glob("checkpoint-*"))
     assert ckpts and ckpts[-1] >= f"checkpoint-{SAVE:07d}", ckpts
+    # as when the driver dies between the workers' upload and Ray Train's record of it (its controller polls
+    # the workers): the checkpoints are in storage, Ray's record of them is not. The same command must still
+    # resume, not silently train from step 0 (seen in CI before the storage scan).
+    (tmp_path / "ray" / "ft" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
 
     log2 = tmp_path / "log2.txt"
     proc = _start(_cmd(tmp_path, tiny_model_dir, config), log2)
     _finish(proc, log2)
-    resumed = int(log2.read_text().split("resuming from checkpoint at step ")[-1].split()[0])
+    text = log2.read_text()
+    assert "resuming from checkpoint at step " in text, text[-3000:]
+    resumed = int(text.split("resuming from checkpoint at step ")[-1].split()[0])
     assert resumed >= SAVE
+    assert "found in storage, not yet in Ray Train's record" in text, text[-3000:]
     _check_resumed(tmp_path, reference, resumed)

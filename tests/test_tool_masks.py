@@ -1,0 +1,183 @@
+"""Tool calls and reasoning on real chat templates: the model trains on exactly the text the template gives
+for the whole conversation (with ``tools``), and only on the assistant's part of it.
+
+The templates are the real ones that ship inside the installed ``trl`` package (``trl/chat_templates``:
+Qwen3's, Qwen2.5's Hermes-style tool template, Llama 3.1's JSON tool format), SmolLM2's own (the embedded
+model's tokenizer) and sft-ray's ChatML. Each is applied to SmolLM2's tokenizer with the template's special
+tokens added, so no weights or downloads are needed.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from sft_ray.formats import RowError, to_example
+from sft_ray.modeling import CHATML_TEMPLATE
+from sft_ray.template import IGNORE_INDEX, render, tokenize_example, trained_text
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ROW = {"tools": TOOLS, "messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Need the tool.", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"},
+    {"role": "assistant", "content": "18C and sunny.", "reasoning_content": "Tool said 18C."},
+    {"role": "user", "content": "Thanks! And 2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."},
+]}
+# never trained, whatever the template: the system prompt, the schemas, the user turns, the tool result
+NOT_TRAINED = ["You are terse", "Weather in a city", "Weather in Paris", "18C, sunny", "Thanks!"]
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+EXPECTED = {
+    # Qwen3 keeps the reasoning of turns after the last user message (and writes an empty think block for a
+    # final turn without any); the first two turns come before the last user message, so theirs is dropped
+    "qwen3": [HERMES_CALL + "<|im_end|>", "18C and sunny.<|im_end|>",
+              "<think>\nSimple sum.\n</think>\n\n4<|im_end|>"],
+    "qwen2_5": [HERMES_CALL + "<|im_end|>", "18C and sunny.<|im_end|>", "4<|im_end|>"],
+    "llama3_1": ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "18C and sunny.<|eot_id|>",
+                 "4<|eot_id|>"],
+    "chatml": ["<think>\nNeed the tool.\n</think>\n\n" + HERMES_CALL + "<|im_end|>",
+               "<think>\nTool said 18C.\n</think>\n\n18C and sunny.<|im_end|>",
+               "<think>\nSimple sum.\n</think>\n\n4<|im_end|>"],
+}
+REASONING = {"qwen3": True, "qwen2_5": False, "llama3_1": False, "chatml": True}  # does the template render it
+
+
+def _trl_template(name: str) -> str:
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+@pytest.fixture(scope="module")
+def toks(smol_tok):
+    def make(template, specials):
+        tok = copy.deepcopy(smol_tok)
+        if specials:
+            tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.chat_template = template
+        return tok
+
+    return {
+        "qwen3": make(_trl_template("qwen3"), ["<think>", "</think>", "<tool_call>", "</tool_call>"]),
+        "qwen2_5": make(_trl_template("qwen2_5"), ["<tool_call>", "</tool_call>"]),
+        "llama3_1": make(_trl_template("llama3_1"), ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                     "<|eom_id|>"]),
+        "chatml": make(CHATML_TEMPLATE, []),
+        "smollm2": smol_tok,
+    }
+
+
+def _row(reasoning: bool):
+    row = copy.deepcopy(ROW)
+    if not reasoning:
+        for m in row["messages"]:
+            m.pop("reasoning_content", None)
+    return row
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_tool_conversation_trains_exactly_the_assistant_part(toks, name):
+    tok = toks[name]
+    ex = to_example(_row(REASONING[name]))
+    out = tokenize_example(ex, tok, 4096)
+    # (a) the trained-on text is apply_chat_template of the whole conversation, tools included
+    whole = tok.apply_chat_template(ex.messages, tools=TOOLS, tokenize=False)
+    assert "get_weather" in whole.split("Weather in Paris")[0]  # the schemas reached the template
+    assert out["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+    assert tok.decode(out["input_ids"]) == whole
+    # (b) the trained tokens are the assistant turns as the template writes them (calls, kept reasoning,
+    # end-of-turn token), and nothing else
+    runs = trained_text(tok, out["input_ids"], out["labels"])
+    assert runs == EXPECTED[name]
+    assert not any(bad in run for run in runs for bad in NOT_TRAINED)
+    assert out["n_trained"] == sum(1 for x in out["labels"] if x != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "chatml"])
+def test_reasoning_can_be_shown_but_not_trained(toks, name):
+    tok = toks[name]
+    out = tokenize_example(to_example(_row(True)), tok, 4096, train_reasoning=False)
+    runs = trained_text(tok, out["input_ids"], out["labels"])
+    assert "".join(runs) == "".join(r.split("</think>\n\n")[-1] for r in EXPECTED[name])
+    assert "<think>" in tok.decode(out["input_ids"])  # still in the text the model reads
+
+
+def test_inline_think_blocks_follow_the_template(toks):
+    """Reasoning written inside the content: SmolLM2's template keeps it verbatim (so it is trained);
+    Qwen3's splits it out and drops it from turns before the last user message."""
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>r1</think>b"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nd"}]}
+    out = tokenize_example(to_example(row), toks["smollm2"], 512)
+    assert trained_text(toks["smollm2"], out["input_ids"], out["labels"]) == [
+        "<think>r1</think>b<|im_end|>", "<think>\nr2\n</think>\n\nd<|im_end|>"]
+    out = tokenize_example(to_example(row), toks["qwen3"], 512)
+    assert trained_text(toks["qwen3"], out["input_ids"], out["labels"]) == ["b<|im_end|>", "<think>\nr2\n</think>\n\nd<|im_end|>"]
+    out = tokenize_example(to_example(row), toks["qwen3"], 512, train_reasoning=False)
+    assert trained_text(toks["qwen3"], out["input_ids"], out["labels"]) == ["b<|im_end|>", "d<|im_end|>"]
+
+
+def test_a_template_that_drops_what_the_data_holds_makes_the_row_bad(toks):
+    # SmolLM2's own template writes only role and content: the call would silently vanish from training
+    with pytest.raises(RowError, match="does not render tool calls .*'get_weather'.*model.chat_template"):
+        tokenize_example(to_example(_row(False)), toks["smollm2"], 4096)
+    # Qwen2.5's has no place for reasoning_content
+    with pytest.raises(RowError, match="leaves out the reasoning_content .*data.train_reasoning=false"):
+        tokenize_example(to_example(_row(True)), toks["qwen2_5"], 4096)
+    # ... which the user may accept
+    out = tokenize_example(to_example(_row(True)), toks["qwen2_5"], 4096, train_reasoning=False)
+    assert trained_text(toks["qwen2_5"], out["input_ids"], out["labels"]) == EXPECTED["qwen2_5"]
+    # a tools column the template ignores
+    plain = {"tools": TOOLS, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(RowError, match="ignores the row's tools"):
+        tokenize_example(to_example(plain), toks["smollm2"], 512)
+    # Llama 3.1's template refuses two calls in one turn: a bad row with its words, not a crash
+    two = _row(False)
+    two["messages"][2]["tool_calls"] = [CALL, {**CALL, "id": "c2"}]
+    two["messages"].insert(4, {"role": "tool", "tool_call_id": "c2", "content": "19C"})
+    with pytest.raises(RowError, match="refused this conversation: .*single tool-calls"):
+        tokenize_example(to_example(two), toks["llama3_1"], 4096)
+
+
+def test_tool_call_shapes_are_normalised(toks):
+    """Arguments as a JSON string or an object, a bare {name, arguments} call, ShareGPT's function_call turn
+    and a tools column stored as a JSON string all give the same training text."""
+    want = tokenize_example(to_example(_row(False)), toks["qwen2_5"], 4096)["input_ids"]
+    as_object = _row(False)
+    as_object["messages"][2]["tool_calls"] = [{"type": "function", "id": "c1", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]
+    as_object["tools"] = json.dumps(TOOLS)
+    assert tokenize_example(to_example(as_object), toks["qwen2_5"], 4096)["input_ids"] == want
+    sharegpt = {"tools": json.dumps(TOOLS), "conversations": [
+        {"from": "system", "value": "You are terse."}, {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "18C, sunny"}, {"from": "gpt", "value": "18C and sunny."},
+        {"from": "human", "value": "Thanks! And 2+2?"}, {"from": "gpt", "value": "4"}]}
+    assert tokenize_example(to_example(sharegpt), toks["qwen2_5"], 4096)["input_ids"] == want
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments='{"city": Paris}'),
+     r"messages\[2\].tool_calls\[0\].function.arguments is not valid JSON"),
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments="[1, 2]"),
+     r"arguments must be a JSON object, got list"),
+    (lambda r: r["messages"][2]["tool_calls"][0]["function"].pop("name"), r"tool_calls\[0\] has no function name"),
+    (lambda r: r["messages"][2].update(tool_calls=None, content="Let me check."),
+     r"messages\[3\] is a tool result with no tool call before it"),
+    (lambda r: r["messages"][3].update(tool_call_id="c9"), r"answers tool_call_id 'c9', which no call before it has"),
+    (lambda r: r["messages"].insert(4, {"role": "tool", "content": "again"}), r"tool result 2 for 1 tool call"),
+    (lambda r: r.update(tools="[{not json"), r"tools is not valid JSON"),
+    (lambda r: r.update(tools=[{"description": "no name"}]), r"tools\[0\] is not a function schema with a name"),
+    (lambda r: r["messages"][4].update(reasoning_content=7), r"reasoning_content must be a string"),
+])
+def test_malformed_tool_use_is_a_bad_row(change, reason):
+    row = _row(False)
+    change(row)
+    with pytest.raises(RowError, match=reason):
+        to_example(row)
