@@ -141,6 +141,20 @@ def test_auth(server):
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400, "max_tokens_too_large"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context_length_exceeded"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 30000}]}, 413, "request_too_large"),
+        # edges a real client can send: each a 4xx that says what is wrong, never a 500
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, "invalid_value"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+         400, "invalid_json"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_value"),
+        # what this backend does not do is refused by name, not accepted and ignored
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+         400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+         400, "unsupported_content"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, code):
@@ -154,3 +168,35 @@ def test_bad_requests_get_openai_errors(server, body, status, code):
     ok = httpx.post(f"{server}/chat/completions", headers=headers,
                     json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_refused_while_it_arrives(server):
+    """No Content-Length (chunked transfer): the body is counted as it arrives and refused past the limit."""
+    sent = []
+
+    def body():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(100):  # 100 x 1000 bytes against serve.max_body_bytes=20000
+            sent.append(1)
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(f"{server}/chat/completions", content=body(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_stream_usage_and_text_parts(server):
+    """stream_options.include_usage gives the openai client its usage chunk; text content parts are joined."""
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}],
+                                           max_tokens=6, temperature=0)
+    assert plain.choices[0].message.content == full.choices[0].message.content

@@ -1,0 +1,230 @@
+"""The HTTP app of a Serve replica: routes, authentication, request limits, dynamic batching and streams.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
+Non-streaming requests are batched dynamically (``@serve.batch``) and generated together with left padding;
+streaming requests are generated token by token (Server-Sent Events) and stop as soon as the client goes
+away. Bad requests get an OpenAI-style error body and a 4xx (``protocol.py``); the replica keeps serving.
+"""
+
+# no `from __future__ import annotations`: Serve's FastAPI class views need real annotation objects
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from sft_ray.serve.engine import Engine, GenRequest, GenResult
+from sft_ray.serve.protocol import (APIError, ChatRequest, CompletionRequest, _Common, error_body, parse_body, sse,
+                                    sse_usage, unsupported, usage)
+
+log = logging.getLogger("sft_ray.serve")
+
+app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(error_body(exc.message, exc.code, exc.param, exc.type), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(p) for p in first.get("loc", []) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body("request body is not valid JSON", "invalid_json"), status_code=400)
+    param = ".".join(loc) or None
+    return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_value", param),
+                        status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unexpected error")  # the replica stays up; the client gets a well-formed 500
+    return JSONResponse(error_body("internal error", "internal_error", type_="server_error"), status_code=500)
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 128
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.1
+    max_body_bytes: int = 1_000_000
+    api_key_sha256: str | None = None
+    trust_remote_code: bool = False
+    base_model: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(app)
+class OpenAIServer:
+    def __init__(self, model_dir: str, settings: dict):
+        self.s = ServeSettings(**settings)
+        self.engine = Engine(model_dir, self.s.trust_remote_code, self.s.base_model)
+        self.created = int(time.time())
+        self.active_streams = 0
+        self.cancelled_streams = 0  # streams ended early because the client went away
+        self.batches = 0
+        self.batched_requests = 0
+        self._batched.set_max_batch_size(self.s.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.s.batch_wait_s)
+
+    # -- helpers
+
+    def _check_auth(self, request: Request) -> None:
+        if not self.s.api_key_sha256:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        digest = hashlib.sha256(given.encode()).hexdigest()
+        if not given or not hmac.compare_digest(digest, self.s.api_key_sha256):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
+
+    async def _body(self, request: Request, schema):
+        """The body read chunk by chunk and cut off at ``max_body_bytes`` (a chunked request has no
+        Content-Length to check first), then parsed and validated (``protocol.parse_body``)."""
+        limit = self.s.max_body_bytes
+        too_large = APIError(413, f"request body over {limit} bytes", "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
+        req = parse_body(bytes(raw), schema)
+        unsupported(req)
+        if req.model != self.s.model_name:  # the cheap checks come before any tokenizing
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.s.model_name!r}",
+                           "model_not_found", "model")
+        self._max_tokens(req)
+        return req
+
+    def _max_tokens(self, req: _Common) -> int:
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.s.default_max_tokens
+        if max_tokens > self.s.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.s.max_tokens_limit}",
+                           "max_tokens_too_large", "max_tokens")
+        return max_tokens
+
+    def _gen_request(self, req: _Common, input_ids: list[int]) -> GenRequest:
+        max_tokens = self._max_tokens(req)
+        if len(input_ids) + max_tokens > self.engine.context_length:
+            raise APIError(400, f"the prompt is {len(input_ids)} tokens; with max_tokens={max_tokens} that exceeds the "
+                                f"model's context of {self.engine.context_length} tokens",
+                           "context_length_exceeded", "messages")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both reset from the config in __init__
+    async def _batched(self, reqs: list[GenRequest]) -> list[GenResult]:
+        # in a thread: the event loop keeps accepting requests (the next batch) and serving streams
+        self.batches += 1
+        self.batched_requests += len(reqs)
+        return await asyncio.to_thread(self.engine.generate, reqs)
+
+    async def _stream(self, gen: GenRequest, kind: str, model: str, with_usage: bool) -> AsyncIterator[str]:
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        cancelled = threading.Event()
+        streamer, thread, result = self.engine.stream(gen, cancelled)
+        self.active_streams += 1
+        sent = ""
+        finish = "length"
+        completed = False
+        try:
+            if kind == "chat":
+                yield sse(cid, kind, model, self.created, {"role": "assistant", "content": ""})
+            it = iter(streamer)
+            while True:
+                piece = await asyncio.to_thread(next, it, None)
+                if piece is None:
+                    break
+                if not piece:
+                    continue
+                stop_at = min(((sent + piece).find(s) for s in gen.stop if s and s in sent + piece), default=-1)
+                if stop_at >= 0:
+                    piece, finish = (sent + piece)[len(sent):stop_at], "stop"
+                    if piece:
+                        yield sse(cid, kind, model, self.created, piece)
+                    cancelled.set()
+                    break
+                sent += piece
+                yield sse(cid, kind, model, self.created, piece)
+            if finish != "stop":
+                await asyncio.to_thread(thread.join, 30)
+                if "error" in result:
+                    raise result["error"]
+                done = self.engine._finish(gen, result.get("ids", []))
+                finish, n_completion = done.finish_reason, done.completion_tokens
+            else:
+                n_completion = await asyncio.to_thread(self.engine.count_tokens, sent + piece)
+            yield sse(cid, kind, model, self.created, None, finish)
+            if with_usage:
+                yield sse_usage(cid, kind, model, self.created, usage(len(gen.input_ids), n_completion))
+            yield "data: [DONE]\n\n"
+            completed = True
+        finally:  # client gone (cancelled) or done: stop generating, free the slot
+            cancelled.set()
+            self.active_streams -= 1
+            self.cancelled_streams += 0 if completed else 1
+            await asyncio.to_thread(thread.join, 30)
+
+    def _complete(self, kind: str, model: str, res: GenResult) -> dict:
+        counts = usage(res.prompt_tokens, res.completion_tokens)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
+                      "finish_reason": res.finish_reason, "logprobs": None}
+            return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                    "model": model, "choices": [choice], "usage": counts}
+        choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": model, "choices": [choice], "usage": counts}
+
+    # -- routes
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.s.model_name, "active_streams": self.active_streams,
+                "cancelled_streams": self.cancelled_streams, "batches": self.batches,
+                "batched_requests": self.batched_requests}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._check_auth(request)
+        return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "sft-ray"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._check_auth(request)
+        req = await self._body(request, ChatRequest)
+        messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(req.messages)]
+        return await self._answer(req, "chat", await asyncio.to_thread(self.engine.chat_ids, messages))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._check_auth(request)
+        req = await self._body(request, CompletionRequest)
+        return await self._answer(req, "text", await asyncio.to_thread(self.engine.text_ids, req.prompt))
+
+    async def _answer(self, req: _Common, kind: str, input_ids: list[int]):
+        gen = self._gen_request(req, input_ids)
+        if req.stream:
+            with_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(gen, kind, req.model, with_usage), media_type="text/event-stream")
+        return self._complete(kind, req.model, await self._batched(gen))

@@ -1,0 +1,113 @@
+"""Building and starting the Serve application: replicas and resources from ``serve.*``, the API key from
+the environment (fail closed), the entry point for Serve config files, and the vLLM switch for GPU clusters."""
+
+import hashlib
+from typing import Any
+
+from ray import serve
+
+from sft_ray.serve.app import OpenAIServer, ServeSettings
+
+
+def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: str | None = None):
+    """The Serve application for ``model_dir`` (replicas, autoscaling and resources from the config)."""
+    from pathlib import Path
+
+    settings = ServeSettings(
+        model_name=serve_cfg.model_name or Path(model_dir).name,
+        max_tokens_limit=serve_cfg.max_tokens_limit,
+        default_max_tokens=serve_cfg.default_max_tokens,
+        max_batch_size=serve_cfg.max_batch_size,
+        batch_wait_s=serve_cfg.batch_wait_s,
+        max_body_bytes=serve_cfg.max_body_bytes,
+        # only a hash of the key travels to the replicas (and so into Serve's config and logs)
+        api_key_sha256=hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
+        trust_remote_code=trust_remote_code,
+        base_model=serve_cfg.base_model,
+    )
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": serve_cfg.cpus_per_replica, "num_gpus": serve_cfg.gpus_per_replica},
+    }
+    if serve_cfg.max_replicas > serve_cfg.min_replicas:
+        options["autoscaling_config"] = {"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
+                                         "target_ongoing_requests": serve_cfg.max_batch_size}
+    else:
+        options["num_replicas"] = serve_cfg.min_replicas
+    return OpenAIServer.options(**options).bind(model_dir, settings.__dict__)
+
+
+def app_builder(args: dict[str, str]):
+    """Entry for Serve config files: ``import_path: sft_ray.serve:app_builder`` with ``args: {model_dir: ...}``.
+
+    Other args are ``serve.*`` config keys (e.g. ``max_tokens_limit: 256``); the API key is read from the
+    environment variable named by ``api_key_env``, and the build fails when that variable is unset or empty.
+    """
+    from sft_ray.config import ServeConfig
+
+    args = dict(args)
+    model_dir = args.pop("model_dir")
+    trust = str(args.pop("trust_remote_code", "false")).lower() == "true"
+    cfg = ServeConfig.model_validate(args)
+    return build(model_dir, cfg, trust, api_key_from_env(cfg))
+
+
+def api_key_from_env(serve_cfg) -> str | None:
+    """The API key named by ``api_key_env``, for every way of starting the app (CLI, config file). Fails closed:
+    a config that names a key variable never serves without a key."""
+    import os
+
+    from sft_ray.config import ConfigError
+
+    if not serve_cfg.api_key_env:
+        return None
+    key = os.environ.get(serve_cfg.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"api_key_env names {serve_cfg.api_key_env!r}, which is unset or empty where the app is "
+                          "built; set it (on a cluster, e.g. in the application's runtime_env), or leave "
+                          "api_key_env out to serve without authentication")
+    return key
+
+
+def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False):
+    """GPU clusters: vLLM through ray.serve.llm's OpenAI app (``pip install sft-ray[vllm]``)."""
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as e:  # vllm missing
+        raise RuntimeError("serve.backend=vllm needs vLLM on a GPU node: pip install 'sft-ray[vllm]'") from e
+    from pathlib import Path
+
+    deployment: dict[str, Any] = {"autoscaling_config": {"min_replicas": serve_cfg.min_replicas,
+                                                         "max_replicas": serve_cfg.max_replicas}}
+    llm = LLMConfig(
+        model_loading_config={"model_id": serve_cfg.model_name or Path(model_dir).name, "model_source": model_dir},
+        deployment_config=deployment,
+        engine_kwargs={"trust_remote_code": trust_remote_code, "max_num_seqs": max(serve_cfg.max_batch_size, 8)},
+    )
+    return build_openai_app({"llm_configs": [llm]})
+
+
+def start(model_dir: str, cfg, api_key: str | None = None) -> str:
+    """Deploy on the Ray cluster (local if none) and return the OpenAI base URL."""
+    from pathlib import Path
+
+    from sft_ray.modeling import is_model_dir, resolve_model_path
+    from sft_ray.cluster import init_ray
+
+    sc = cfg.serve
+    model_dir = resolve_model_path(model_dir)
+    if not is_model_dir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json) nor a LoRA adapter "
+                                "(no adapter_config.json)")
+    if sc.backend == "vllm" and not Path(model_dir, "config.json").is_file():
+        raise RuntimeError("serve.backend=vllm serves full models: export with export.merge_lora=true, "
+                           "or use the transformers backend for an adapter")
+    init_ray(cfg)
+    serve.start(http_options={"host": sc.host, "port": sc.port})
+    if sc.backend == "vllm":
+        if sc.api_key_env:
+            raise RuntimeError("serve.api_key_env is implemented by the transformers backend only")
+        application = build_vllm(model_dir, sc, cfg.model.trust_remote_code)
+    else:
+        application = build(model_dir, sc, cfg.model.trust_remote_code, api_key)
+    serve.run(application, name="sft-ray", route_prefix="/", blocking=False)
+    return f"http://{sc.host}:{sc.port}/v1"
