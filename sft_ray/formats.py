@@ -150,7 +150,7 @@ def _check_tool_turns(out: list[dict[str, Any]], what: str) -> None:
             continue
         if not calls:
             raise RowError(f"{what}[{i}] is a tool result with no tool call before it (the assistant turn before "
-                           "a tool turn must have tool_calls)")
+                           "a tool turn must have tool_calls; in ShareGPT rows, a function_call turn)")
         answered += 1
         if answered > len(calls):
             raise RowError(f"{what}[{i}] is tool result {answered} for {len(calls)} tool call(s)")

@@ -160,7 +160,8 @@ def _assistant_char_spans(tok, ex: Example, targets: list[int], full: str, kwarg
             spans += [(a, b) for a, b in ((start, start + cut[0]), (start + cut[1], end)) if b > a]
     if ex.tools:
         names = [t.get("function", t)["name"] for t in ex.tools]
-        if not any(n in full[: spans[0][0]] for n in names):
+        first_turn = min((s for s, _ in spans), default=len(full))
+        if not any(n in full[:first_turn] for n in names):
             raise RowError(f"the chat template ignores the row's tools (none of {', '.join(names[:5])} is in the "
                            "rendered text), so the model would be trained to call tools it was never shown; give a "
                            "template that renders tools as model.chat_template (e.g. model.chat_template=chatml)")
