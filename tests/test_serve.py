@@ -200,3 +200,12 @@ def test_stream_usage_and_text_parts(server):
     plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}],
                                            max_tokens=6, temperature=0)
     assert plain.choices[0].message.content == full.choices[0].message.content
+
+
+@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"),
+                                          ({"logprobs": 2}, "logprobs")])
+def test_completion_options_this_backend_lacks_are_refused(server, extra, param):
+    r = httpx.post(f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "Once", "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "unsupported_parameter" and r.json()["error"]["param"] == param
