@@ -22,6 +22,7 @@ FINAL_DIR = "final_model"
 FILES_KEY = "sft_ray_files"  # in the final marker: every other file of the final model, with its size
 MANIFEST = "sft_ray_manifest_rank{rank}.json"
 PROBE_FILE = "sft_ray_probe.pt"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # Ray storage folder of a training checkpoint
 PROBE_TEXT = "sft-ray export check: the quick brown fox jumps over the lazy dog."
 
 
@@ -47,6 +48,13 @@ def _listing(fs, path: str) -> dict[str, int]:
             if i.type == pafs.FileType.File and i.path.startswith(base)}
 
 
+def _size_problem(files: dict[str, int], name: str, size: int) -> str | None:
+    """How a listed file differs from its record ('missing', or its other size), or None."""
+    if files.get(name) == size:
+        return None
+    return "missing" if name not in files else f"{files[name]} bytes, not {size}"
+
+
 def _read_json(fs, path: str) -> dict[str, Any]:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode())
@@ -67,9 +75,9 @@ def _checkpoint_step(fs, path: str, world: int, cfg: Config | None) -> int:
             raise RuntimeError(f"checkpoint {path} is inconsistent: {m} is of step {listed['step']}, the trainer "
                                f"state of step {step}")
         for name, size in listed["files"].items():
-            if files.get(name) != size:
-                raise RuntimeError(f"checkpoint {path} is incomplete: {name} (from {m}) is "
-                                   f"{'missing' if name not in files else f'{files[name]} bytes, not {size}'}")
+            problem = _size_problem(files, name, size)
+            if problem:
+                raise RuntimeError(f"checkpoint {path} is incomplete: {name} (from {m}) is {problem}")
     if cfg is not None and cfg.deepspeed.enabled:  # the optimizer state DeepSpeed needs to resume
         shards = [n for n in files if n.startswith(f"global_step{step}/") and n.endswith("optim_states.pt")]
         whole = [n for n in files if re.fullmatch(rf"global_step{step}/mp_rank_\d+_model_states\.pt", n)]
@@ -108,9 +116,9 @@ def latest_checkpoint(fs, run_dir: str, world: int, cfg: Config) -> Found:
     import pyarrow.fs as pafs
 
     dirs = [i for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-            if i.type == pafs.FileType.Directory and re.fullmatch(r"checkpoint-\d+", i.base_name)]
+            if i.type == pafs.FileType.Directory and CHECKPOINT_NAME.fullmatch(i.base_name)]
     skipped: list[str] = []
-    for d in sorted(dirs, key=lambda i: int(i.base_name.split("-")[1]), reverse=True):
+    for d in sorted(dirs, key=lambda i: step_of(i.path), reverse=True):
         try:
             return Found(d.path, _checkpoint_step(fs, d.path, world, cfg), skipped)
         except (RuntimeError, OSError, ValueError, KeyError) as e:
@@ -120,8 +128,8 @@ def latest_checkpoint(fs, run_dir: str, world: int, cfg: Config) -> Found:
 
 def step_of(checkpoint_path: str) -> int:
     """The step a checkpoint folder's name gives (``checkpoint-0000012``); the final model counts as last."""
-    name = checkpoint_path.rstrip("/").rsplit("/", 1)[-1]
-    return int(name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", name) else 1 << 62
+    m = CHECKPOINT_NAME.fullmatch(checkpoint_path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else 1 << 62
 
 
 def is_final(path: Path) -> bool:
@@ -138,8 +146,9 @@ def final_problem(fs, path: str) -> str | None:
         return f"no {FINAL_MARKER}"
     listed = _read_json(fs, f"{path}/{FINAL_MARKER}").get(FILES_KEY, {})  # absent: written by an older sft-ray
     for name, size in listed.items():
-        if files.get(name) != size:
-            return f"{name} is {'missing' if name not in files else f'{files[name]} bytes, not {size}'}"
+        problem = _size_problem(files, name, size)
+        if problem:
+            return f"{name} is {problem}"
     return None
 
 
