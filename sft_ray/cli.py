@@ -52,7 +52,9 @@ def cmd_train(args) -> int:
         f"{m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); model at {summary['model_dir']}")
     summary["config"] = cfg.model_dump(mode="json")
     if cfg.eval.enabled:
-        summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)
+        summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)  # writes the model card, with the scores
+    else:
+        _write_card(cfg, summary["model_dir"], summary, None)
     summary["total_seconds"] = round(time.time() - t0, 1)
     Path(cfg.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     say(f"done in {summary['total_seconds']}s; summary in {Path(cfg.output_dir, 'train_summary.json')}")
@@ -104,7 +106,21 @@ def _evaluate(cfg, model_dir: str, summary: dict | None = None) -> dict:
                            Path(cfg.output_dir, "eval"), summary)
     sys.stdout.write(evaluate.render_console(res) + "\n")
     say(f"report: {Path(cfg.output_dir, 'eval', 'report.md')} (also report.html, loss.png, metrics.json)")
+    _write_card(cfg, model_dir, summary, res)
     return res["scores"]
+
+
+def _write_card(cfg, model_dir: str, summary: dict | None, results: dict | None) -> None:
+    """The model card (README.md) of the run's own model folder, with the scores when there are any."""
+    from sft_ray import model_card
+    from sft_ray.cluster import say
+
+    own = Path(cfg.output_dir, "model")
+    if Path(model_dir).resolve() != own.resolve():  # `sft-ray eval --model OTHER`: not this run's folder
+        say(f"model card not written: {model_dir} is not this run's model folder ({own})")
+        return
+    path = model_card.write(cfg, summary, results, own)
+    say(f"model card: {path} (publish the folder with `hf upload ORG/NAME {own}`)")
 
 
 def cmd_eval(args) -> int:
@@ -236,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _quiet()
     from sft_ray.data import DataError
+    from sft_ray.model_card import ModelCardError
     from sft_ray.modeling import ModelError
     from sft_ray.plan import PlanError
     from sft_ray.sources import SourceError
@@ -245,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _last_words(str(e))
         return 2
-    except (DataError, SourceError, ModelError, PlanError) as e:  # the user's data or model, not a bug: no traceback
+    # the user's data, model or folders, not a bug: no traceback
+    except (DataError, SourceError, ModelError, PlanError, ModelCardError) as e:
         _last_words(str(e))
         return 1
     except Exception as e:

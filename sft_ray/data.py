@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from sft_ray.formats import RowError, to_example
-from sft_ray.template import IGNORE_INDEX, TooLong, tokenize_example
+from sft_ray.formats import Example, RowError, to_example
+from sft_ray.template import IGNORE_INDEX, TooLong, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -86,45 +86,52 @@ def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) 
     return tokenize_batch(batch, _TASK_TOKENIZER[key], DataConfig.model_validate(data_cfg))
 
 
+def parse_record(record: str, data) -> Example:
+    """One row's JSON text as an ``Example``; ``RowError`` says why it is not one."""
+    try:
+        obj = json.loads(record)
+    except json.JSONDecodeError as e:
+        raise RowError(f"JSON does not parse: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise RowError(f"a record must be a JSON object, got {type(obj).__name__}")
+    return to_example(obj, data.format, data.columns)
+
+
 def tokenize_batch(batch: dict[str, Any], tok, data) -> dict[str, list]:
-    out: dict[str, list] = {k: [] for k in ("source", "row", "input_ids", "labels", "n_tokens", "n_trained",
-                                            "truncated", "dropped", "error", "record", "weight", "file")}
-    weights = batch.get("weight", [1.0] * len(batch["row"]))
-    out["file"] = [int(f) for f in batch.get("file", [0] * len(batch["row"]))]
-    for source, row, record, error, weight in zip(batch["source"], batch["row"], batch["record"], batch["error"],
-                                                  weights):
-        ids: list[int] = []
-        labels: list[int] = []
-        n_tok = n_tr = 0
-        truncated = False
-        dropped = ""
-        if not error:
-            try:
-                obj = json.loads(record)
-                if not isinstance(obj, dict):
-                    raise RowError(f"a record must be a JSON object, got {type(obj).__name__}")
-                ex = to_example(obj, data.format, data.columns)
-                t = tokenize_example(ex, tok, data.max_length, data.loss_on, data.too_long, data.template_kwargs,
-                                     data.train_reasoning)
-                ids, labels, n_tok, n_tr, truncated = (t["input_ids"], t["labels"], t["n_tokens"], t["n_trained"],
-                                                       t["truncated"])
-            except json.JSONDecodeError as e:
-                error = f"JSON does not parse: {e.msg} (column {e.colno})"
-            except RowError as e:
-                error = str(e)
-            except TooLong as e:
-                dropped = str(e)
-        out["source"].append(str(source))
-        out["row"].append(int(row))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["n_tokens"].append(n_tok)
-        out["n_trained"].append(n_tr)
-        out["truncated"].append(truncated)
-        out["dropped"].append(dropped)
-        out["error"].append(str(error))
-        out["record"].append(str(record)[:2000] if error else "")
-        out["weight"].append(float(weight))
+    """Parse, render, tokenize and mask a block of provenance rows; bad and dropped rows stay, flagged."""
+    n = len(batch["row"])
+    errors = [str(e) for e in batch["error"]]
+    examples: list[Example] = []
+    where_ok: list[int] = []
+    for k, record in enumerate(batch["record"]):
+        if errors[k]:
+            continue
+        try:
+            examples.append(parse_record(record, data))
+            where_ok.append(k)
+        except RowError as e:
+            errors[k] = str(e)
+    results: list[Any] = [None] * n
+    for k, t in zip(where_ok, tokenize_examples(examples, tok, data.max_length, data.loss_on, data.too_long,
+                                                data.template_kwargs, data.train_reasoning)):
+        results[k] = t
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "n_tokens", "n_trained", "truncated", "dropped")}
+    for k, t in enumerate(results):
+        if isinstance(t, RowError):
+            errors[k] = str(t)
+        good = isinstance(t, dict)
+        out["input_ids"].append(t["input_ids"] if good else [])
+        out["labels"].append(t["labels"] if good else [])
+        out["n_tokens"].append(t["n_tokens"] if good else 0)
+        out["n_trained"].append(t["n_trained"] if good else 0)
+        out["truncated"].append(t["truncated"] if good else False)
+        out["dropped"].append(str(t) if isinstance(t, TooLong) else "")
+    out["source"] = [str(s) for s in batch["source"]]
+    out["row"] = [int(r) for r in batch["row"]]
+    out["error"] = errors
+    out["record"] = [str(r)[:2000] if e else "" for r, e in zip(batch["record"], errors)]
+    out["weight"] = [float(w) for w in batch.get("weight", [1.0] * n)]
+    out["file"] = [int(f) for f in batch.get("file", [0] * n)]
     return out
 
 
@@ -177,22 +184,25 @@ def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[flo
         num_cpus=cpus,
     )
     if weights is not None and any(w != 1.0 for w in weights):
-        ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="numpy", num_cpus=cpus)
+        ds = ds.map_batches(mix, fn_kwargs={"seed": cfg.seed}, batch_format="pyarrow", num_cpus=cpus)
     return ds
 
 
-def mix(batch: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+def mix(batch, seed: int):
     """Repeat or subsample good rows by their source's weight; bad and dropped rows stay, once, to be counted.
-    Each repeat carries its ``copy`` number, so that the global order spreads the copies of a row apart."""
+    Each repeat carries its ``copy`` number, so that the global order spreads the copies of a row apart.
+    On Arrow tables, so that the token columns keep their list type."""
+    import pyarrow as pa
+
     from sft_ray.sources import copies
 
-    reps = [1 if batch["error"][i] or batch["dropped"][i]
-            else copies(float(batch["weight"][i]), str(batch["source"][i]), int(batch["row"][i]), seed)
-            for i in range(len(batch["row"]))]
-    idx = np.repeat(np.arange(len(reps)), reps)
-    out = {k: v[idx] for k, v in batch.items()}
-    out["copy"] = np.concatenate([np.arange(r) for r in reps]).astype(np.int64) if reps else np.zeros(0, np.int64)
-    return out
+    cols = {k: batch.column(k).to_pylist() for k in ("error", "dropped", "weight", "source", "row")}
+    reps = [1 if cols["error"][i] or cols["dropped"][i]
+            else copies(float(cols["weight"][i]), str(cols["source"][i]), int(cols["row"][i]), seed)
+            for i in range(batch.num_rows)]
+    out = batch.take(pa.array(np.repeat(np.arange(len(reps)), reps), pa.int64()))
+    copy = np.concatenate([np.arange(r) for r in reps]).astype(np.int64) if reps else np.zeros(0, np.int64)
+    return out.append_column("copy", pa.array(copy, pa.int64()))
 
 
 def splits(train_specs: list[str], eval_specs: list[str], cfg, num_cpus: float | None = None):
@@ -220,33 +230,33 @@ def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = Fals
     ``with_ids`` adds ``example_id`` ("file:row", "#copy" for repeats) for tracing which examples each step
     trained on; ``order_seed`` adds the ``order`` key of the seeded global order (see ``global_order``)."""
 
-    def keep(batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids, labels, keys, order = [], [], [], []
-        copies = batch.get("copy")
-        for i in range(len(batch["error"])):
-            if batch["error"][i]:
-                msg = f"{where(batch['source'][i], batch['row'][i])}: {batch['error'][i]}"
+    def keep(batch):
+        """On Arrow tables: the token columns pass through without being converted to Python or NumPy."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        errors = batch.column("error")
+        bad = pc.not_equal(errors, "")
+        if pc.any(bad).as_py():
+            for i in np.flatnonzero(bad.to_numpy(zero_copy_only=False)):
+                msg = f"{where(batch['source'][i].as_py(), batch['row'][i].as_py())}: {errors[i].as_py()}"
                 if on_bad_rows == "error":
                     raise DataError(msg)
                 log.warning("skipping bad row %s", msg)
-                continue
-            if batch["dropped"][i]:
-                continue
-            ids.append(batch["input_ids"][i].tolist())
-            labels.append(batch["labels"][i].tolist())
-            copy = int(copies[i]) if copies is not None else 0
-            source, row = str(batch["source"][i]), int(batch["row"][i])
-            keys.append(f"{source}:{row}" + (f"#{copy}" if copy else ""))
+        good = batch.filter(pc.and_(pc.equal(errors, ""), pc.equal(batch.column("dropped"), "")))
+        ints = pa.list_(pa.int64())  # a block of only bad rows has empty lists, typed null: one type for all blocks
+        cols: dict[str, Any] = {"input_ids": good.column("input_ids").cast(ints), "labels": good.column("labels").cast(ints)}
+        if with_ids or order_seed is not None:
+            sources, rows = good.column("source").to_pylist(), good.column("row").to_pylist()
+            copies = good.column("copy").to_pylist() if "copy" in good.column_names else [0] * len(rows)
+            if with_ids:
+                cols["example_id"] = [f"{s}:{r}" + (f"#{c}" if c else "") for s, r, c in zip(sources, rows, copies)]
             if order_seed is not None:
-                order.append(order_key(order_seed, int(batch["file"][i]), row, copy))
-        out: dict[str, Any] = {"input_ids": ids, "labels": labels}
-        if with_ids:
-            out["example_id"] = keys
-        if order_seed is not None:
-            out["order"] = np.asarray(order, dtype=np.int64)
-        return out
+                cols["order"] = pa.array([order_key(order_seed, f, r, c) for f, r, c in
+                                          zip(good.column("file").to_pylist(), rows, copies)], pa.int64())
+        return pa.table(cols)
 
-    return ds.map_batches(keep, batch_format="numpy", num_cpus=num_cpus)
+    return ds.map_batches(keep, batch_format="pyarrow", num_cpus=num_cpus)
 
 
 def global_order(ds):

@@ -309,6 +309,27 @@ def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) ->
     return scores
 
 
+def compare_scores(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Per metric: both means, their bootstrap 95% intervals and the paired test (exact McNemar when every
+    score is 0/1, a sign-flip permutation test otherwise), from the per-row scores of the same rows."""
+    table = {}
+    for metric in before:
+        b, a = before[metric], after[metric]
+        binary = all(v in (0.0, 1.0) for v in b + a)
+        test = {**mcnemar_exact(b, a), "test": "McNemar exact"} if binary else {**permutation_test(b, a), "test": "permutation"}
+        table[metric] = {
+            "before": sum(b) / len(b) if b else 0.0,
+            "after": sum(a) / len(a) if a else 0.0,
+            "before_ci95": bootstrap_ci(b),
+            "after_ci95": bootstrap_ci(a),
+            "before_correct": int(sum(b)) if binary else None,
+            "after_correct": int(sum(a)) if binary else None,
+            "binary": binary,
+            "paired_test": test,
+        }
+    return table
+
+
 def describe_template(model_cfg, tok) -> str:
     """Which chat template rendered the prompts, in words (for the report)."""
     import hashlib
@@ -357,22 +378,7 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
                         "probes": generate(model_dir, probe_prompts, tok, e.probe_max_new_tokens, e.batch_size, 1, **kw)}
     refs = [r for _, r in pairs]
     per_row = {tag: score(answers[tag]["task"], refs, e.scorers) for tag in answers}
-    table = {}
-    for metric in per_row["before"]:
-        b, a = per_row["before"][metric], per_row["after"][metric]
-        binary = all(v in (0.0, 1.0) for v in b + a)
-        test = {**mcnemar_exact(b, a), "test": "McNemar exact"} if binary else {**permutation_test(b, a), "test": "permutation"}
-        table[metric] = {
-            "before": sum(b) / len(b) if b else 0.0,
-            "after": sum(a) / len(a) if a else 0.0,
-            "before_ci95": bootstrap_ci(b),
-            "after_ci95": bootstrap_ci(a),
-            "before_correct": int(sum(b)) if binary else None,
-            "after_correct": int(sum(a)) if binary else None,
-            "binary": binary,
-            "paired_test": test,
-        }
-    results["scores"] = table
+    results["scores"] = compare_scores(per_row["before"], per_row["after"])
     if e.loss and eval_specs:
         from sft_ray import data
 

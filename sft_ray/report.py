@@ -65,7 +65,10 @@ def _facts(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
     return facts
 
 
-def _score_rows(res: dict[str, Any]) -> list[list[str]]:
+def score_rows(res: dict[str, Any]) -> list[list[str]]:
+    """The before/after table's rows (cells as shown, under ``HEADER``): every score with its bootstrap 95%
+    intervals and paired test, then the eval loss and perplexity of both models. Shared by the report and the
+    model card, so both show the same figures."""
     rows = []
     n = res["n_eval"]
     for metric, s in res["scores"].items():
@@ -86,6 +89,14 @@ def _score_rows(res: dict[str, Any]) -> list[list[str]]:
 HEADER = ["metric", "before", "after", "before 95% CI", "after 95% CI", "improved", "regressed", "p (paired test)"]
 
 
+def score_table(res: dict[str, Any]) -> list[str]:
+    """The before/after table as Markdown lines (none when there is nothing to show)."""
+    rows = score_rows(res)
+    if not rows:
+        return []
+    return ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool) -> str:
     out = ["# sft-ray: before / after", ""]
     facts = _facts(summary)
@@ -95,11 +106,9 @@ def markdown(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool
         out += ["![loss](loss.png)", ""]
     out += [f"Held-out rows scored: {res['n_eval']} from {res.get('eval_data', '?')} (greedy decoding; both models "
             f"get the same prompts, rendered with {res.get('prompt_template', 'the training chat template')})", ""]
-    rows = _score_rows(res)
-    if rows:
-        out += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        out.append("")
+    table = score_table(res)
+    if table:
+        out += table + [""]
     out += ["## Probe questions", ""]
     for p in res["probes"]:
         out += [f"### {p['question']}", "", f"**before:** {p['before']}", "", f"**after:** {p['after']}", ""]
@@ -126,7 +135,7 @@ def to_html(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool)
     parts.append(f"<p>Held-out rows scored: {res['n_eval']} from {e(str(res.get('eval_data', '?')))} (greedy "
                  f"decoding; both models get the same prompts, rendered with "
                  f"{e(res.get('prompt_template', 'the training chat template'))})</p>")
-    rows = _score_rows(res)
+    rows = score_rows(res)
     if rows:
         parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sft_ray.encode import IGNORE_INDEX, labels_for
 from sft_ray.formats import Example, RowError
 
-IGNORE_INDEX = -100
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _PROBE = "\x00sft-ray-probe\x00"
 
@@ -29,12 +29,59 @@ class TooLong(Exception):
 
 
 def render(tok, messages, add_generation_prompt: bool = False, **kwargs: Any) -> str:
+    """``tok.apply_chat_template(messages, tokenize=False, ...)``, through the compiled template directly where
+    that gives the same text (see ``_render_direct``)."""
     from jinja2 import TemplateError
 
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = _render_direct(tok, messages, add_generation_prompt, kwargs)
+        if text is None:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+        return text
     except TemplateError as e:  # raise_exception(...) in the template, or a template bug this row reaches
         raise RowError(f"the chat template refused this conversation: {e}") from None
+
+
+# render calls made directly; templates compared with apply_chat_template; templates found to differ (fall back)
+_DIRECT: dict[str, Any] = {"calls": 0, "checked": set(), "off": set()}
+CHECK_EVERY = 512
+
+
+def _render_direct(tok, messages, add_generation_prompt: bool, kwargs: dict[str, Any]) -> str | None:
+    """Render with transformers' compiled (sandboxed, cached) template, skipping ``apply_chat_template``'s
+    wrapper, which costs as much again as the rendering: it rebuilds every input as plain JSON data for the
+    sandbox, and ours already is (rows are parsed JSON, normalised by ``formats.to_example``). The inputs the
+    template sees are the same: messages without None values and with reasoning fields aliased, the
+    tokenizer's special tokens, ``tools`` and the template kwargs. The first render of each template, and one
+    in ``CHECK_EVERY`` after it, is compared with ``apply_chat_template``; a difference switches that template
+    back to it for good. None: use ``apply_chat_template`` (a dict of templates, or a transformers without
+    these helpers)."""
+    tmpl = tok.chat_template
+    if not isinstance(tmpl, str) or tmpl in _DIRECT["off"] or "documents" in kwargs:
+        return None
+    try:
+        from transformers.utils.chat_template_utils import _alias_reasoning_fields, _compile_jinja_template
+    except ImportError:
+        return None
+    kw = dict(kwargs)
+    tools = kw.pop("tools", None)
+    msgs = _alias_reasoning_fields([{k: v for k, v in m.items() if v is not None} for m in messages])
+    text = _compile_jinja_template(tmpl).render(messages=msgs, tools=tools, documents=None,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **{**tok.special_tokens_map, **kw})
+    _DIRECT["calls"] += 1
+    if _DIRECT["calls"] % CHECK_EVERY == 1 or tmpl not in _DIRECT["checked"]:
+        _DIRECT["checked"].add(tmpl)
+        if text != tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **kwargs):
+            import logging
+
+            logging.getLogger(__name__).warning("rendering the chat template directly differs from "
+                                                "apply_chat_template; using apply_chat_template for it")
+            _DIRECT["off"].add(tmpl)
+            return None
+    return text
 
 
 def _probe_turn(tok, kwargs) -> tuple[str, str]:
@@ -176,48 +223,68 @@ def _target_turns(ex: Example, loss_on: str) -> list[int]:
     return idx[-1:] if loss_on == "last_assistant" else idx
 
 
-def tokenize_example(
-    ex: Example,
+def tokenize_example(ex: Example, tok, max_length: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``input_ids``, ``labels`` (-100 where not trained) and counts for one example (the other arguments are
+    ``tokenize_examples``'); raises ``RowError`` for a bad row, ``TooLong`` for one dropped by ``too_long=drop``."""
+    out = tokenize_examples([ex], tok, max_length, *args, **kwargs)[0]
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def tokenize_examples(
+    examples: list[Example],
     tok,
     max_length: int,
     loss_on: str = "assistant",
     too_long: str = "truncate",
     template_kwargs: dict[str, Any] | None = None,
     train_reasoning: bool = True,
-) -> dict[str, Any]:
-    """Return ``input_ids``, ``labels`` (-100 where not trained) and counts for one example."""
-    kwargs = dict(template_kwargs or {})
-    if ex.tools:
-        kwargs["tools"] = ex.tools
-    if ex.text is not None:
-        ids = tok(ex.text, add_special_tokens=True)["input_ids"]
-        if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-            ids = ids + [tok.eos_token_id]
-        labels = list(ids)
-    else:
-        msgs = ex.messages
-        full = render(tok, msgs, **kwargs)
-        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        if loss_on == "all":
-            labels = list(ids)
-        else:
-            labels = [IGNORE_INDEX] * len(ids)
-            spans = _assistant_char_spans(tok, ex, _target_turns(ex, loss_on), full, kwargs, train_reasoning)
-            for start, end in spans:
-                for k, (s, e) in enumerate(offsets):
-                    if s < end and e > start and e > s:
-                        labels[k] = ids[k]
+) -> list[dict[str, Any] | RowError | TooLong]:
+    """``tokenize_example`` for a batch, in order; a bad or dropped row is returned as its exception, in its place.
+    Each row is rendered and its trained spans found on its own; the tokenizer is called once for the batch
+    (see ``encode.labels_for``)."""
+    out: list[Any] = [None] * len(examples)
+    chats: list[tuple[int, str, list[tuple[int, int]] | None]] = []  # (index, text, trained spans or None: all)
+    texts: list[tuple[int, str]] = []
+    for k, ex in enumerate(examples):
+        if ex.text is not None:
+            texts.append((k, ex.text))
+            continue
+        kwargs = dict(template_kwargs or {})
+        if ex.tools:
+            kwargs["tools"] = ex.tools
+        try:
+            full = render(tok, ex.messages, **kwargs)
+            spans = None if loss_on == "all" else _assistant_char_spans(
+                tok, ex, _target_turns(ex, loss_on), full, kwargs, train_reasoning)
+        except RowError as e:
+            out[k] = e
+            continue
+        chats.append((k, full, spans))
+    if chats:
+        for (k, _, _), (ids, labels) in zip(chats, labels_for([c[1] for c in chats], [c[2] for c in chats], tok)):
+            out[k] = _finish(ids, labels, max_length, too_long)
+    if texts:
+        eos = tok.eos_token_id
+        for (k, _), ids in zip(texts, tok([t for _, t in texts], add_special_tokens=True)["input_ids"]):
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+            out[k] = _finish(ids, list(ids), max_length, too_long)
+    return out
+
+
+def _finish(ids: list[int], labels: list[int], max_length: int, too_long: str) -> dict[str, Any] | RowError | TooLong:
     truncated = False
     if len(ids) > max_length:
         if too_long == "drop":
-            raise TooLong(f"{len(ids)} tokens > data.max_length={max_length}")
+            return TooLong(f"{len(ids)} tokens > data.max_length={max_length}")
         ids, labels, truncated = ids[:max_length], labels[:max_length], True
     n_trained = sum(1 for x in labels if x != IGNORE_INDEX)
     if n_trained == 0:
         if truncated:
-            raise TooLong(f"no trained tokens left after truncation to data.max_length={max_length}")
-        raise RowError("no tokens to train on after applying the chat template")
+            return TooLong(f"no trained tokens left after truncation to data.max_length={max_length}")
+        return RowError("no tokens to train on after applying the chat template")
     return {"input_ids": ids, "labels": labels, "n_tokens": len(ids), "n_trained": n_trained, "truncated": truncated}
 
 

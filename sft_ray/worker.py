@@ -394,7 +394,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         if found is None:
             raise
         raise DataError(found) from e
-    final = {**report.latest, "step": trainer.state.global_step}
+    final = {**report.latest, "step": trainer.state.global_step, "precision": precision}  # (for the model card)
     evaluated_last_step = bool(eval_steps) and trainer.state.global_step % eval_steps == 0 and "eval_loss" in report.latest
     if eval_stream is not None and not evaluated_last_step:  # (the last step's eval is the final one)
         final.update(trainer.evaluate())

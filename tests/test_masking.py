@@ -185,3 +185,97 @@ def test_chatml_added_when_model_has_no_template(smol_tok):
     assert tok.chat_template == CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
     out = tokenize_example(to_example(CONV), tok, 512)
     assert trained_text(tok, out["input_ids"], out["labels"]) == ["你好！😀<|im_end|>", "It is 4.<|im_end|>"]
+
+
+def test_a_batch_gives_what_each_row_gives_alone(smol_tok):
+    """The pipeline tokenizes a block of rows in one tokenizer call: every row's ids, labels and counts (or its
+    error) must be those of the row on its own, in its place."""
+    from sft_ray.template import tokenize_examples
+
+    rows = [CONV, {"text": "Plain domain text."}, {"messages": [{"role": "user", "content": "only a question"}]},
+            {"prompt": "2+2?", "completion": "4"}, {"messages": [{"role": "user", "content": "long " * 300},
+                                                                   {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 你好"}]}]
+    examples = []
+    for r in rows:
+        try:
+            examples.append(to_example(r))
+        except RowError:  # rows that are bad before the template are the parser's (formats.py) to report
+            continue
+    for too_long in ("truncate", "drop"):
+        batch = tokenize_examples(examples, smol_tok, 128, too_long=too_long)
+        assert len(batch) == len(examples)
+        for ex, got in zip(examples, batch):
+            try:
+                alone = tokenize_example(ex, smol_tok, 128, too_long=too_long)
+            except (RowError, TooLong) as e:
+                assert type(got) is type(e) and str(got) == str(e)
+            else:
+                assert got == alone
+        assert any(isinstance(g, dict) for g in batch) and any(not isinstance(g, dict) for g in batch)
+
+
+def test_encoding_straight_from_the_rust_tokenizer_equals_calling_the_tokenizer(smol_tok):
+    from sft_ray.encode import encode
+
+    texts = [smol_tok.apply_chat_template(CONV["messages"], tokenize=False), "plain 東京 text<|im_end|>", ""]
+    enc = smol_tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    want = [(list(i), [tuple(o) for o in off]) for i, off in zip(enc["input_ids"], enc["offset_mapping"])]
+    assert [(list(i), [tuple(o) for o in off]) for i, off in encode(texts, smol_tok, offsets=True)] == want
+    # a backend left truncating (by a tokenizer.json, or an earlier call) is not used as is
+    odd = copy.deepcopy(smol_tok)
+    odd.backend_tokenizer.enable_truncation(8)
+    assert [(list(i), [tuple(o) for o in off]) for i, off in encode(texts, odd, offsets=True)] == want
+    ids_only = smol_tok(texts, add_special_tokens=False)["input_ids"]
+    assert [list(i) for i in encode(texts, smol_tok, offsets=False)] == [list(i) for i in ids_only]
+
+
+def _offset_labels(texts, spans, tok):
+    from sft_ray.encode import encode, span_labels
+
+    return [(list(ids), list(ids) if sp is None else span_labels(ids, off, sp))
+            for (ids, off), sp in zip(encode(texts, tok, offsets=True), spans)]
+
+
+def _awkward_rows(tok):
+    """Rendered conversations with whitespace runs, CJK, emoji split across tokens, and spans at odd places."""
+    contents = ["  two leading spaces", "trailing  ", "a\n\n  b\t\tc", "日本語の答え 😀👍🏽", "{\"k\": [1, 2]}\n"]
+    texts, spans = [], []
+    for c in contents:
+        text = tok.apply_chat_template([{"role": "user", "content": "q " + c}, {"role": "assistant", "content": c}],
+                                       tokenize=False)
+        k = text.rfind(c)
+        texts += [text, text, text]
+        spans += [[(k, k + len(c))], [(k + 1, len(text) - 1), (0, 3)], None]
+    return texts, spans
+
+
+def test_labels_from_byte_lengths_equal_labels_from_offsets(smol_tok, styles):
+    """Byte-level tokenizers take the path without offsets; its labels must be the offsets' labels exactly."""
+    from sft_ray.encode import _byte_table, labels_for
+
+    for tok, _ in styles.values():
+        assert _byte_table(tok) is not None  # SmolLM2's byte-level BPE, with each style's added tokens
+        texts, spans = _awkward_rows(tok)
+        assert [(list(i), l) for i, l in labels_for(texts, spans, tok)] == _offset_labels(texts, spans, tok)
+
+
+def test_tokenizers_that_are_not_plain_byte_level_get_the_offsets(smol_tok):
+    """A byte-level tokenizer whose offsets are trimmed (GPT-2's post-processor) fails the probe; a
+    SentencePiece-style one (Metaspace, no byte-level decoder) is never tried; both still get exact labels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from sft_ray.encode import _byte_table, labels_for
+
+    trimmed = copy.deepcopy(smol_tok)
+    trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    words = sorted({w for t in _awkward_rows(smol_tok)[0] for w in t.replace("\n", " ").split(" ")} | {"▁"})
+    sp = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="[UNK]")
+    metaspace.chat_template = smol_tok.chat_template
+    for tok in (trimmed, metaspace):
+        assert _byte_table(tok) is None
+        texts, spans = _awkward_rows(tok)
+        assert [(list(i), l) for i, l in labels_for(texts, spans, tok)] == _offset_labels(texts, spans, tok)

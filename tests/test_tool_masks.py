@@ -181,3 +181,42 @@ def test_malformed_tool_use_is_a_bad_row(change, reason):
     change(row)
     with pytest.raises(RowError, match=reason):
         to_example(row)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2_5", "llama3_1", "chatml", "smollm2"])
+def test_direct_rendering_equals_apply_chat_template(toks, name):
+    """The pipeline renders through the compiled template, skipping apply_chat_template's wrapper: the text
+    must be the same for every prefix of a conversation with tools, tool results and reasoning."""
+    from jinja2 import TemplateError
+
+    from sft_ray.template import _render_direct
+
+    tok = toks[name]
+    msgs = to_example(_row(reasoning=True)).messages
+    kw_sets = [{}, {"tools": TOOLS}] + ([{"enable_thinking": False}] if name == "qwen3" else [])
+    for kw in kw_sets:
+        for n in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                try:
+                    want = tok.apply_chat_template(msgs[:n], tokenize=False, add_generation_prompt=gen, **kw)
+                except TemplateError:  # a prefix the template refuses (Llama 3.1: tools with no user turn yet)
+                    with pytest.raises(TemplateError):
+                        _render_direct(tok, msgs[:n], gen, dict(kw))
+                    continue
+                assert _render_direct(tok, msgs[:n], gen, dict(kw)) == want
+
+
+def test_direct_rendering_falls_back_when_it_would_differ(smol_tok):
+    """A tokenizer whose apply_chat_template renders otherwise (a subclass adding to it, as processors do) is
+    caught by the first comparison: render gives apply_chat_template's text, for that template from then on."""
+    from sft_ray import template
+
+    odd = copy.deepcopy(smol_tok)
+    odd.__class__ = type("Odd", (type(smol_tok),), {
+        "apply_chat_template": lambda self, *a, **k: "PREFIX " + type(smol_tok).apply_chat_template(self, *a, **k)})
+    odd.chat_template = smol_tok.chat_template + "{# a template of its own #}"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert render(odd, msgs).startswith("PREFIX ")
+    assert odd.chat_template in template._DIRECT["off"]
+    assert template._render_direct(odd, msgs, False, {}) is None
+    assert render(odd, msgs[:1], add_generation_prompt=True).startswith("PREFIX ")

@@ -88,6 +88,13 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
             assert "Calculate 1+1-1" in text and "loss.png" in text and "exact_match" in text
         with Image.open(ev / "loss.png") as im:
             assert im.size == (800, 450) and im.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+        # the model folder is a Hub repository: its card parses and holds metrics.json's figures
+        from test_model_card import _row, assert_card_matches
+
+        card = assert_card_matches(model_dir / "README.md", metrics)
+        assert card.data.library_name == "transformers" and card.data.base_model is None  # a local base folder
+        assert _row(card.text, "precision")[1] == summary["metrics"]["precision"] == "fp32"  # the worker's choice
+        assert _row(card.text, "DeepSpeed")[1] == "ZeRO stage 2"
         # TensorBoard (installed by the bootstrap) got the training curve
         assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
 
