@@ -53,7 +53,9 @@ def _init_ray(cfg: Config) -> None:
     import ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning"}
-    for name in ("SFT_RAY_CACHE", "SFT_RAY_COLLECTIVE_GUARD", "SFT_RAY_COLLECTIVE_GUARD_LOG"):
+    # where object storage is (never credentials: those come from each node's environment or instance role)
+    for name in ("SFT_RAY_CACHE", "SFT_RAY_COLLECTIVE_GUARD", "SFT_RAY_COLLECTIVE_GUARD_LOG", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -149,6 +151,7 @@ def check_storage_shared(storage: str) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if "://" in storage:
+        check_storage_writable(storage)
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
@@ -169,6 +172,24 @@ def check_storage_shared(storage: str) -> None:
             "than one node, checkpoints must go where every node reads and writes the same files: object "
             "storage (train.storage_path=s3://bucket/runs or gs://...) or an NFS mount at the same path everywhere"
         )
+
+
+def check_storage_writable(storage: str) -> None:
+    """Object storage is checked before training, not at the first checkpoint: a marker is written and
+    deleted under ``storage``, so a missing bucket, refused credentials or an unreachable endpoint stop the run
+    with the URI and the storage's own reason."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage)
+        marker = f"{root.rstrip('/')}/.sft-ray-write-check-{uuid.uuid4().hex}"
+        with fs.open_output_stream(marker) as f:
+            f.write(b"ok\n")
+        fs.delete_file(marker)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.storage_path={storage} cannot be written: {e}. Checkpoints go there; check the "
+                          "bucket, the credentials and the endpoint (e.g. AWS_ENDPOINT_URL) where the driver and "
+                          "the workers run") from None
 
 
 def use_gpu(cfg: Config) -> bool:

@@ -116,9 +116,54 @@ def embedded_model_dir() -> Path:
 def resolve_model_path(name: str) -> str:
     if name == EMBEDDED:
         return str(embedded_model_dir())
+    if "://" in name:  # a model folder in object storage (e.g. a run's final_model): served from a local copy
+        return str(download_model(name))
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise ModelError(f"model.name={name}: no such folder (a local path; a Hub id looks like org/name)")
     return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def download_model(uri: str) -> Path:
+    """A local copy of the model folder at ``uri`` (``s3://``, ``gs://``, ...) under the sft-ray cache, swapped in
+    only when complete and used again while the stored folder lists the same files and sizes. An sft-ray export
+    (its ``sft_ray_final.json`` lists every file and its size) is checked before and after the copy, so a
+    folder whose upload was cut short is refused."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from sft_ray.export import FINAL_MARKER, final_problem
+
+    def listing(fs, root: str) -> dict[str, int]:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+    local = pafs.LocalFileSystem()
+    dest = cache_root() / "models" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri.rstrip("/"))
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            raise ModelError(f"{uri}: no model folder there")
+        remote = listing(fs, root)
+        marked = FINAL_MARKER in remote
+        problem = final_problem(fs, root) if marked else None
+        if problem:
+            raise ModelError(f"{uri}: not a complete model folder ({problem})")
+        if dest.is_dir() and listing(local, str(dest)) == remote:
+            return dest
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
+        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=local)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{uri}: cannot download the model folder: {e}") from None
+    problem = final_problem(local, str(tmp)) if marked else None
+    if problem or listing(local, str(tmp)) != remote:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{uri}: the copy is incomplete ({problem or 'its files differ from the stored ones'})")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    log.info("downloaded %s to %s", uri, dest)
+    return dest
 
 
 def ensure_chat_template(tok, template: str | None = None) -> bool:

@@ -42,19 +42,12 @@ def _is_hf_saved(path: str) -> bool:
 def expand(spec: str) -> list[str]:
     """Files named by a path, directory, glob or URI (``file://``, ``s3://``, ``gs://``)."""
     if "://" in spec:
-        fs, root = pafs.FileSystem.from_uri(spec)
-        scheme = spec.split("://", 1)[0]
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise SourceError(f"{spec}: not found")
-        if info.type == pafs.FileType.File:
-            paths = [root]
-        else:
-            sel = pafs.FileSelector(root, recursive=True)
-            paths = sorted(i.path for i in fs.get_file_info(sel)
-                           if i.type == pafs.FileType.File and _kind(i.path) not in (None, "arrow"))
-        prefix = "file://" if scheme == "file" else f"{scheme}://"
-        files = [prefix + p if not p.startswith("/") or scheme != "file" else "file://" + p for p in paths]
+        try:
+            files = _expand_uri(spec)
+        except SourceError:
+            raise
+        except (OSError, ValueError) as e:  # no such bucket, credentials refused, endpoint unreachable, ...
+            raise SourceError(f"{spec}: cannot list it: {e}") from None
     elif any(c in spec for c in "*?["):
         files = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
     elif os.path.isdir(spec):
@@ -76,6 +69,65 @@ def expand(spec: str) -> list[str]:
     if unknown:
         raise SourceError(f"{unknown[0]}: unknown file type (supported: {', '.join(EXTENSIONS)})")
     return [os.path.abspath(f) if "://" not in f else f for f in files]
+
+
+def _expand_uri(spec: str) -> list[str]:
+    """The files under a URI: one file, everything below a prefix, or a glob's matches (``*`` and ``?`` within
+    a path segment, ``**`` across segments), listed through pyarrow (credentials and endpoint from the
+    environment, e.g. AWS_ENDPOINT_URL for an S3-compatible server)."""
+    scheme, rest = spec.split("://", 1)
+    magic = [rest.find(c) for c in "*?[" if c in rest]
+    base = rest if not magic else rest[:min(magic)].rsplit("/", 1)[0]
+    fs, root = pafs.FileSystem.from_uri(f"{scheme}://{base}")
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        bucket = root.split("/", 1)[0]
+        if scheme != "file" and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise SourceError(f"{spec}: not found: there is no bucket {bucket!r} at this endpoint (or these "
+                              "credentials may not see it)")
+        raise SourceError(f"{spec}: not found" + (f" (nothing under {scheme}://{base})" if magic else ""))
+    if info.type == pafs.FileType.File and not magic:
+        paths = [root]
+    else:
+        listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                  if i.type == pafs.FileType.File and _kind(i.path) not in (None, "arrow")]
+        if magic:  # match against the pattern as pyarrow names paths (no scheme; bucket first for S3)
+            pattern = _glob_regex(root + rest[len(base):])
+            listed = [p for p in listed if pattern.match(p)]
+        paths = sorted(listed)
+    if scheme == "file":
+        return ["file://" + p for p in paths]
+    return [f"{scheme}://{p}" for p in paths]
+
+
+def _glob_regex(pattern: str):
+    """A glob as a regex over '/'-separated paths: ``*``/``?`` stay within a segment, ``**`` crosses them."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1:j]
+            body = body.replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body[0] in "!^" else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def _open(path: str, seekable: bool = False):

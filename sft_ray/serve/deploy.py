@@ -94,6 +94,7 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
     from sft_ray.cluster import init_ray
 
     sc = cfg.serve
+    source = model_dir  # a URI stays one: each replica makes its own local copy, on whichever node it runs
     model_dir = resolve_model_path(model_dir)
     if not is_model_dir(model_dir):
         raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json) nor a LoRA adapter "
@@ -108,6 +109,6 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
             raise RuntimeError("serve.api_key_env is implemented by the transformers backend only")
         application = build_vllm(model_dir, sc, cfg.model.trust_remote_code)
     else:
-        application = build(model_dir, sc, cfg.model.trust_remote_code, api_key)
+        application = build(source if "://" in source else model_dir, sc, cfg.model.trust_remote_code, api_key)
     serve.run(application, name="sft-ray", route_prefix="/", blocking=False)
     return f"http://{sc.host}:{sc.port}/v1"

@@ -1,0 +1,174 @@
+"""Object storage for real: an S3-compatible server (moto's standalone server, as Ray's own S3 tests use) on
+127.0.0.1, reached over HTTP with the endpoint and credentials given the way users give them
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). No filesystem class is patched: pyarrow talks to the server."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from sft_ray import data, sources, synthetic
+from sft_ray.config import ConfigError, load_config
+from sft_ray.sources import SourceError
+
+BUCKET = "sft-ray-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server, a bucket with JSONL and Parquet shards under data/, and the same files on local disk."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        local = tmp_path_factory.mktemp("local-data")
+        rows = synthetic.generate(60, seed=5)
+        synthetic.write_jsonl(rows[:20], local / "part-0.jsonl")
+        synthetic.write_jsonl(rows[20:40], local / "part-1.jsonl")
+        pq.write_table(pa.Table.from_pylist([{"messages": r["messages"]} for r in rows[40:]]), local / "part-2.parquet")
+        fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+        for f in sorted(local.iterdir()):
+            with fs.open_output_stream(f"{BUCKET}/data/{f.name}") as out:
+                out.write(f.read_bytes())
+        yield {"env": env, "local": local, "port": port}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3, ray_local):
+    """Local Ray started after the endpoint is in the environment (its workers read the bucket too)."""
+    return ray_local
+
+
+def _stats(specs, cfg):
+    return data.validate(data.tokenized(specs, cfg), "train")
+
+
+def test_prefixes_and_globs_on_s3_read_the_same_rows_as_local_files(s3, ray_s3, tiny_model_dir):
+    prefix = f"s3://{BUCKET}/data/"
+    assert sources.expand(prefix) == [f"s3://{BUCKET}/data/part-{i}.{e}" for i, e in
+                                      ((0, "jsonl"), (1, "jsonl"), (2, "parquet"))]
+    assert sources.expand(f"s3://{BUCKET}/data/*.jsonl") == [f"s3://{BUCKET}/data/part-{i}.jsonl" for i in (0, 1)]
+    assert sources.expand(f"s3://{BUCKET}/**/part-[2-9].parquet") == [f"s3://{BUCKET}/data/part-2.parquet"]
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "data.max_length=256"])
+    remote = _stats([prefix], cfg)
+    local = _stats([str(s3["local"])], cfg)
+    assert remote.rows == local.rows == 60 and remote.bad == 0
+    assert (remote.tokens, remote.trained_tokens, remote.digest) == (local.tokens, local.trained_tokens, local.digest)
+
+
+def test_missing_bucket_prefix_or_files_name_the_uri_and_the_reason(s3):
+    with pytest.raises(SourceError, match=r"s3://no-such-bucket/data/: not found: there is no bucket .no-such-bucket."):
+        sources.expand("s3://no-such-bucket/data/")
+    with pytest.raises(SourceError, match=rf"s3://{BUCKET}/nothing/: not found"):
+        sources.expand(f"s3://{BUCKET}/nothing/")
+    with pytest.raises(SourceError, match=rf"s3://{BUCKET}/data/\*.csv: no dataset files found"):
+        sources.expand(f"s3://{BUCKET}/data/*.csv")
+
+
+def test_unwritable_storage_path_is_refused_before_training(s3):
+    from sft_ray.cluster import check_storage_writable
+
+    check_storage_writable(f"s3://{BUCKET}/runs")  # writable: the marker is written and removed
+    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    assert fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs", allow_not_found=True)) == []
+    with pytest.raises(ConfigError, match=r"train.storage_path=s3://no-such-bucket/runs cannot be written: .*bucket"):
+        check_storage_writable("s3://no-such-bucket/runs")
+
+
+def test_cli_stops_on_a_missing_bucket_with_the_uri_as_its_last_line(s3, tmp_path):
+    env = {**os.environ, **s3["env"], "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-m", "sft_ray.cli", "train", "jobs/configs/local-cpu.yaml",
+                          "data.train=s3://no-such-bucket/train/", f"output_dir={tmp_path}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = (out.stdout + out.stderr).strip().splitlines()[-1]
+    assert last.startswith("sft-ray: s3://no-such-bucket/train/: not found: there is no bucket"), last
+
+
+@pytest.mark.slow
+def test_training_with_data_and_checkpoints_on_s3(s3, ray_s3, tiny_model_dir, tmp_path):
+    """Data read from the bucket, checkpoints and the run's identity written to it, the model exported; the
+    same command again finds the finished run in the bucket instead of training again."""
+    from sft_ray.train import run
+
+    def cfg():
+        return load_config("jobs/configs/local-cpu.yaml", [
+            f"model.name={tiny_model_dir}", f"output_dir={tmp_path}", "train.name=on-s3",
+            f"data.train=[s3://{BUCKET}/data/*.jsonl]", "data.eval_fraction=0.1", f"train.storage_path=s3://{BUCKET}/runs",
+            "train.per_device_batch_size=4", "train.save_steps=2", "eval.enabled=false", "train.precision=fp32",
+            "data.packing=false"])
+
+    first = run(cfg())
+    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    stored = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/on-s3"))}
+    assert any(n.startswith("checkpoint-") for n in stored) and "final_model" in stored, stored
+    assert first["checkpoint"].startswith(f"{BUCKET}/runs/on-s3/") or "s3://" in first["checkpoint"], first["checkpoint"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    again = run(cfg())
+    assert again["resumed_finished_run"] is True
+    assert again["metrics"]["step"] == first["metrics"]["step"]
+
+    # the final model in the bucket is served, evaluated or generated from through a checked local copy
+    from sft_ray.modeling import ModelError, resolve_model_path
+
+    uri = f"s3://{BUCKET}/runs/on-s3/final_model"
+    copy = Path(resolve_model_path(uri))
+    assert (copy / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert Path(resolve_model_path(uri)) == copy  # unchanged in the bucket: the copy is used again
+    out = subprocess.run([sys.executable, "-m", "sft_ray.cli", "generate", uri, "Say hi"], capture_output=True,
+                         text=True, env={**os.environ, **s3["env"]}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+    # a folder whose upload was cut short (a file its marker lists is missing) is refused, not served
+    for info in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/on-s3/final_model")):
+        if info.base_name != "model.safetensors":
+            fs.copy_file(info.path, f"{BUCKET}/cut-short/{info.base_name}")
+    with pytest.raises(ModelError, match=r"s3://.*/cut-short: not a complete model folder \(model.safetensors"):
+        resolve_model_path(f"s3://{BUCKET}/cut-short")
+
+
+def test_refused_credentials_name_the_uri_and_the_reason(s3, monkeypatch):
+    """A second S3 server with authentication on (moto's IAM checks from the first request): the test's keys
+    are not in its records, so listing data and writing the storage path are refused, and said so."""
+    import socket
+    import time
+
+    from sft_ray.cluster import check_storage_writable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        with pytest.raises(SourceError, match=r"s3://locked/data/: cannot list it: .*(Access Key Id|InvalidAccessKeyId|ACCESS_DENIED|AccessDenied)"):
+            sources.expand("s3://locked/data/")
+        with pytest.raises(ConfigError, match=r"train.storage_path=s3://locked/runs cannot be written: .*(Access Key Id|InvalidAccessKeyId|ACCESS_DENIED|AccessDenied)"):
+            check_storage_writable("s3://locked/runs")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
