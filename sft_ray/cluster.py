@@ -182,6 +182,8 @@ def check_storage_writable(storage: str) -> None:
 
     try:
         fs, root = pafs.FileSystem.from_uri(storage)
+        if fs.type_name == "local":  # Ray Train creates a local folder itself; a bucket must already exist
+            fs.create_dir(root, recursive=True)
         marker = f"{root.rstrip('/')}/.sft-ray-write-check-{uuid.uuid4().hex}"
         with fs.open_output_stream(marker) as f:
             f.write(b"ok\n")

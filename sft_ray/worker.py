@@ -304,6 +304,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     from datasets.table import InMemoryTable
     from transformers import PrinterCallback
 
+    from sft_ray import deepspeed as ds_setup
     from sft_ray.modeling import choose_precision, load_model, load_tokenizer
 
     _quiet_logs()
@@ -324,11 +325,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             f"torch threads {torch.get_num_threads()}, ZeRO {cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else 'off'}, "
             f"loss {'fused LM head (TRL)' if fused else 'LM head on trained positions only'}")
     if cfg.deepspeed.enabled:
-        import deepspeed
-
         # Ray Train already set up torch.distributed; DeepSpeed's comm layer must adopt it *now*, or
         # zero.Init inside from_pretrained (ZeRO-3) sees a world of 1 and rejects the batch config.
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        ds_setup.init_distributed(on_gpu, say=say)
 
     # restore
     local = Path(tempfile.mkdtemp(prefix=f"sft-ray-{cfg.train.name}-rank{rank}-"))

@@ -146,3 +146,18 @@ def test_final_model_whose_upload_was_cut_short_is_not_finished(tmp_path):
     assert not is_final(f)
     with pytest.raises(RuntimeError, match="not a finished model: model.safetensors is missing"):
         export_final(_real(f), tmp_path / "model")
+
+
+def test_local_storage_uri_that_does_not_exist_yet_is_created_not_refused(tmp_path):
+    """``train.storage_path=file:///new/folder`` is a folder Ray Train would create itself; the write check makes
+    it instead of refusing it (a missing *bucket* is still refused: tests/test_object_storage.py)."""
+    from sft_ray.cluster import check_storage_writable
+    from sft_ray.config import ConfigError
+
+    store = tmp_path / "new" / "store"
+    check_storage_writable(f"file://{store}")
+    assert store.is_dir() and list(store.iterdir()) == []  # the marker is removed
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=rf"train.storage_path=file://{blocker}/store cannot be written"):
+        check_storage_writable(f"file://{blocker}/store")
