@@ -55,6 +55,16 @@ def cmd_train(args) -> int:
         summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)  # writes the model card, with the scores
     else:
         _write_card(cfg, summary["model_dir"], summary, None)
+    if cfg.export.to:  # last, so that the copy has the model card with the scores
+        from sft_ray.export import publish
+        from sft_ray.modeling import ModelError
+
+        try:
+            summary["exported_to"] = publish(Path(summary["model_dir"]), cfg.export.to)
+        except OSError as e:
+            raise ModelError(f"export.to={cfg.export.to}: the copy failed: {e}. The model is complete in "
+                             f"{summary['model_dir']}; copy it from there") from None
+        say(f"model folder copied to {cfg.export.to}")
     summary["total_seconds"] = round(time.time() - t0, 1)
     Path(cfg.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     say(f"done in {summary['total_seconds']}s; summary in {Path(cfg.output_dir, 'train_summary.json')}")
@@ -129,8 +139,10 @@ def cmd_eval(args) -> int:
         config = str(Path(config, "config.yaml"))
     cfg = load_config(config, args.overrides)
     model_dir = args.model or str(Path(cfg.output_dir, "model"))
-    from sft_ray.modeling import is_model_dir
+    from sft_ray.modeling import is_model_dir, resolve_model_path
 
+    if "://" in model_dir:  # e.g. export.to or a run's final_model in a bucket: a checked local copy
+        model_dir = resolve_model_path(model_dir)
     if not is_model_dir(model_dir):
         raise SystemExit(f"no trained model at {model_dir} (run `sft-ray train` first or pass --model)")
     summary_file = Path(cfg.output_dir, "train_summary.json")

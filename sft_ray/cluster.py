@@ -53,9 +53,10 @@ def _init_ray(cfg: Config) -> None:
     import ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning"}
-    # where object storage is (never credentials: those come from each node's environment or instance role)
+    # where object storage is (never credentials: those come from each node's environment or instance role),
+    # and how long Ray Train waits for its workers' resources before it tries again (see the README)
     for name in ("SFT_RAY_CACHE", "SFT_RAY_COLLECTIVE_GUARD", "SFT_RAY_COLLECTIVE_GUARD_LOG", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -79,6 +80,15 @@ class Fit:
     total_gpus: float
     free_cpus: float  # not held by anything right now
     nodes: int
+    per_node: tuple[int, ...] = ()  # bundles each alive node can hold
+
+    def placeable(self, strategy: str) -> int:
+        """Workers the alive nodes can hold under a placement strategy (the STRICT_ ones limit it)."""
+        if strategy == "STRICT_PACK":
+            return max(self.per_node, default=0)
+        if strategy == "STRICT_SPREAD":
+            return sum(1 for n in self.per_node if n > 0)
+        return self.bundles_now
 
     @property
     def can_grow(self) -> bool:
@@ -93,7 +103,8 @@ def cluster_fit(bundle: dict[str, float]) -> Fit:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    now = sum(_bundles(n.get("Resources", {}), bundle) for n in nodes)
+    per_node = tuple(_bundles(n.get("Resources", {}), bundle) for n in nodes)
+    now = sum(per_node)
     bundles_max = None
     try:  # the autoscaler (ray up, KubeRay) reports its node types and their max counts to the GCS
         import ray._private.state as state
@@ -113,7 +124,8 @@ def cluster_fit(bundle: dict[str, float]) -> Fit:
         bundles_max = max(now, cap)
     total = ray.cluster_resources()
     free = ray.available_resources()
-    return Fit(now, bundles_max, total.get("CPU", 0.0), total.get("GPU", 0.0), free.get("CPU", 0.0), len(nodes))
+    return Fit(now, bundles_max, total.get("CPU", 0.0), total.get("GPU", 0.0), free.get("CPU", 0.0), len(nodes),
+               per_node)
 
 
 def check_resources(cfg: Config, use_gpu: bool) -> Fit:
@@ -125,6 +137,13 @@ def check_resources(cfg: Config, use_gpu: bool) -> Fit:
     each = f"{t.cpus_per_worker} CPU{'s' if t.cpus_per_worker > 1 else ''}" + (" + 1 GPU" if use_gpu else "")
     have = (f"the cluster has {fit.total_cpus:g} CPUs and {fit.total_gpus:g} GPUs on {fit.nodes} node"
             f"{'s' if fit.nodes != 1 else ''}")
+    strategy = t.placement_strategy
+    if fit.bundles_now >= want and fit.placeable(strategy) < want and not fit.can_grow:
+        how = ("one node holding them all" if strategy == "STRICT_PACK" else "each on a node of its own")
+        raise ConfigError(
+            f"this cluster can never place the run: train.placement_strategy={strategy} needs {want} workers x "
+            f"({each}) {how}; {have} ({', '.join(str(n) for n in fit.per_node)} such worker(s) per node) and no "
+            f"autoscaler to add nodes. Use train.placement_strategy=PACK or SPREAD, or change train.num_workers")
     if fit.bundles_now >= want:
         if fit.free_cpus < want * t.cpus_per_worker:
             say(f"waiting for resources: {want} workers x ({each}) need {want * t.cpus_per_worker} CPUs; "
@@ -174,14 +193,18 @@ def check_storage_shared(storage: str) -> None:
         )
 
 
-def check_storage_writable(storage: str) -> None:
+def check_storage_writable(storage: str, key: str = "train.storage_path",
+                           what: str = "Checkpoints go there") -> None:
     """Object storage is checked before training, not at the first checkpoint: a marker is written and
     deleted under ``storage``, so a missing bucket, refused credentials or an unreachable endpoint stop the run
     with the URI and the storage's own reason."""
     import pyarrow.fs as pafs
 
     try:
-        fs, root = pafs.FileSystem.from_uri(storage)
+        if "://" in storage:
+            fs, root = pafs.FileSystem.from_uri(storage)
+        else:
+            fs, root = pafs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
         if fs.type_name == "local":  # Ray Train creates a local folder itself; a bucket must already exist
             fs.create_dir(root, recursive=True)
         marker = f"{root.rstrip('/')}/.sft-ray-write-check-{uuid.uuid4().hex}"
@@ -189,9 +212,8 @@ def check_storage_writable(storage: str) -> None:
             f.write(b"ok\n")
         fs.delete_file(marker)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"train.storage_path={storage} cannot be written: {e}. Checkpoints go there; check the "
-                          "bucket, the credentials and the endpoint (e.g. AWS_ENDPOINT_URL) where the driver and "
-                          "the workers run") from None
+        raise ConfigError(f"{key}={storage} cannot be written: {e}. {what}; check the bucket, the credentials "
+                          "and the endpoint (e.g. AWS_ENDPOINT_URL) where the driver and the workers run") from None
 
 
 def use_gpu(cfg: Config) -> bool:

@@ -113,6 +113,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: int = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills nodes first, SPREAD one per node where it can; "
+                            "STRICT_ variants wait until it is exactly so")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     liger_kernel: bool = Field(False, description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
@@ -168,6 +171,8 @@ class LoraSettings(_Strict):
 
 class ExportConfig(_Strict):
     merge_lora: bool = Field(False, description="LoRA runs: also write the merged full model (adapter in model/adapter)")
+    to: str | None = Field(None, description="also copy the finished model folder (with its card) here: "
+                                             "s3://bucket/models/NAME, gs://..., or a path; checked before training")
 
 
 class EvalConfig(_Strict):

@@ -226,10 +226,55 @@ def export_final(checkpoint, dest: Path) -> Path:
     problem = final_problem(pafs.LocalFileSystem(), str(tmp))
     if problem is not None:
         raise RuntimeError(f"the last checkpoint ({checkpoint.path}) is not a finished model: {problem}")
+    _swap_in(tmp, dest)
+    return dest
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """``tmp`` (complete) becomes ``dest``; the previous ``dest`` is removed only once it has been moved aside."""
     old = dest.with_name(f".{dest.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
         os.replace(dest, old)
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+
+def publish(model_dir: Path, uri: str) -> str:
+    """Copy the finished model folder (weights, tokenizer, model card) to ``export.to``: object storage or a path.
+
+    Whatever was there is removed first and an upload marker stays from the first byte to the last, with the
+    final marker (which lists every file and its size) written just before it goes: a folder cut short is never
+    taken for a model (``modeling.download_model`` refuses it). Returns the destination as given."""
+    import pyarrow.fs as pafs
+
+    src = Path(model_dir).resolve()
+    if "://" not in uri or uri.startswith("file://"):  # a local folder: written beside it, swapped in whole
+        dest = Path(uri.removeprefix("file://")).expanduser().resolve()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.incoming")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        _swap_in(tmp, dest)
+        return uri
+    fs, root = pafs.FileSystem.from_uri(uri)
+    root = root.rstrip("/")
+    local = pafs.LocalFileSystem()
+    with fs.open_output_stream(f"{root}/{UPLOADING}") as f:
+        f.write(b"sft-ray: upload under way; this folder is not a complete model until this file is gone\n")
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):  # the previous export, if any
+        if info.base_name == UPLOADING:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for p in [p for p in files if p.name != FINAL_MARKER] + [p for p in files if p.name == FINAL_MARKER]:
+        pafs.copy_files(str(p), f"{root}/{p.relative_to(src).as_posix()}", source_filesystem=local,
+                        destination_filesystem=fs)
+    fs.delete_file(f"{root}/{UPLOADING}")
+    return uri
+
+
+UPLOADING = ".sft-ray-uploading"  # in an export.to folder while it is being written

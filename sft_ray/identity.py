@@ -21,8 +21,8 @@ RUN_FILE = "sft_ray_run.json"
 RESULT_FREE = (
     "train.name", "train.resume", "train.storage_path", "train.save_steps", "train.keep_checkpoints",
     "train.logging_steps", "train.max_failures", "train.report_to", "train.trace_examples", "train.eval_steps",
-    "train.cpus_per_worker", "data.tokenize_cpus", "data.validate_first", "eval.", "serve.", "output_dir",
-    "ray_address",
+    "train.cpus_per_worker", "train.placement_strategy", "data.tokenize_cpus", "data.validate_first", "eval.",
+    "serve.", "export.to", "output_dir", "ray_address",
 )
 
 

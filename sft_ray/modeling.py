@@ -132,7 +132,7 @@ def download_model(uri: str) -> Path:
 
     import pyarrow.fs as pafs
 
-    from sft_ray.export import FINAL_MARKER, final_problem
+    from sft_ray.export import FINAL_MARKER, UPLOADING, final_problem
 
     def listing(fs, root: str) -> dict[str, int]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -145,6 +145,9 @@ def download_model(uri: str) -> Path:
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             raise ModelError(f"{uri}: no model folder there")
         remote = listing(fs, root)
+        if UPLOADING in remote:
+            raise ModelError(f"{uri}: not a complete model folder (an export to it is under way or was cut short: "
+                             f"{UPLOADING} is there)")
         marked = FINAL_MARKER in remote
         problem = final_problem(fs, root) if marked else None
         if problem:

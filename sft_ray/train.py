@@ -177,6 +177,8 @@ def run(cfg: Config) -> dict[str, Any]:
     cluster.check_gpu_only_options(cfg, on_gpu)
     fit = cluster.check_resources(cfg, on_gpu)
     cluster.check_storage_shared(cfg.storage_path)
+    if cfg.export.to:
+        cluster.check_storage_writable(cfg.export.to, "export.to", "The finished model folder is copied there")
 
     # the data, and the run's identity (its result-changing config + a digest of its tokenized data)
     prep = prepare_data(cfg, train_specs, eval_specs, fit)
@@ -207,6 +209,7 @@ def run(cfg: Config) -> dict[str, Any]:
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.train.num_workers, use_gpu=on_gpu,
                 resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if on_gpu else {})},
+                placement_strategy=cfg.train.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=cfg.train.name,

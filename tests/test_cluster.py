@@ -40,3 +40,22 @@ def test_streamed_data_tasks_ask_for_no_cpu_when_the_trainers_hold_them_all():
     cfg = load_config(None, ["train.num_workers=2", "data.tokenize_cpus=0.5"])
     assert streaming_data_cpus(cfg, Fit(2, None, 2.0, 0.0, 2.0, 1)) == 0.0  # `ray start --head` on 2 cores
     assert streaming_data_cpus(cfg, Fit(3, None, 3.0, 0.0, 3.0, 1)) == 0.5  # one CPU to spare
+
+
+@pytest.mark.parametrize("strategy, ok", [("PACK", True), ("SPREAD", True), ("STRICT_PACK", True),
+                                          ("STRICT_SPREAD", False)])
+def test_strict_placement_that_one_node_can_never_satisfy_is_refused(strategy, ok):
+    """Local Ray is one node: STRICT_SPREAD for 2 workers would wait forever for a second node."""
+    cfg = load_config(None, ["train.num_workers=2", f"train.placement_strategy={strategy}"])
+    if ok:
+        assert check_resources(cfg, use_gpu=False).per_node  # the node's own count is known
+        return
+    with pytest.raises(ConfigError, match=r"train.placement_strategy=STRICT_SPREAD needs 2 workers x \(1 CPU\) "
+                                          r"each on a node of its own; the cluster has .* on 1 node \(\d+ such "
+                                          r"worker\(s\) per node\) and no autoscaler"):
+        check_resources(cfg, use_gpu=False)
+
+
+def test_strict_pack_counts_the_largest_node_not_the_sum():
+    fit = Fit(4, None, 4.0, 0.0, 4.0, 2, (2, 2))
+    assert (fit.placeable("PACK"), fit.placeable("STRICT_PACK"), fit.placeable("STRICT_SPREAD")) == (4, 2, 2)

@@ -18,6 +18,7 @@ from sft_ray.config import ConfigError, load_config
 from sft_ray.sources import SourceError
 
 BUCKET = "sft-ray-test"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,108 @@ def test_refused_credentials_name_the_uri_and_the_reason(s3, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_export_to_a_bucket_is_never_taken_for_a_model_while_it_is_written(s3, tmp_path, tiny_model_dir):
+    """export.to: the previous export is replaced, the upload marker is there until the last file is written
+    (a folder cut short is refused by name), and a local destination is swapped in whole."""
+    import shutil
+
+    from sft_ray.export import UPLOADING, publish
+    from sft_ray.modeling import ModelError, download_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "README.md").write_text("card")
+    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    with fs.open_output_stream(f"{BUCKET}/models/m/stale-from-before.bin") as f:
+        f.write(b"old")
+    publish(model, f"s3://{BUCKET}/models/m")
+    stored = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/models/m"))}
+    assert stored == {p.name for p in model.iterdir()}, stored  # the stale file went, no marker left
+    copy = download_model(f"s3://{BUCKET}/models/m")
+    assert (copy / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    with fs.open_output_stream(f"{BUCKET}/models/m/{UPLOADING}") as f:  # as an upload cut short leaves it
+        f.write(b"")
+    with pytest.raises(ModelError, match=rf"s3://{BUCKET}/models/m: not a complete model folder \(an export to "
+                                         r"it is under way or was cut short"):
+        download_model(f"s3://{BUCKET}/models/m")
+    (model / "README.md").write_text("card v2")
+    publish(model, str(tmp_path / "published"))
+    publish(model, str(tmp_path / "published"))  # again: replaced whole
+    assert (tmp_path / "published" / "README.md").read_text() == "card v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "published"]
+
+
+@pytest.mark.slow
+def test_stopped_driver_resumes_from_the_bucket_exports_there_and_is_evaluated_from_it(s3, tmp_path, tiny_model_dir):
+    """The driver stopped (SIGTERM) after a checkpoint; the same command (plus export.to) finds the checkpoints in
+    the bucket and resumes, copies the finished folder with its model card to the bucket, and `sft-ray eval`
+    compares the base model with that copy."""
+    import signal
+    import time
+
+    env = {**os.environ, **s3["env"], "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sft_ray.cli", "train", "jobs/configs/local-cpu.yaml", f"model.name={tiny_model_dir}",
+           f"output_dir={tmp_path}", "train.name=stopped", f"data.train=[s3://{BUCKET}/data/*.jsonl]",
+           "data.eval_fraction=0.1", f"train.storage_path=s3://{BUCKET}/runs", "train.per_device_batch_size=2",
+           "train.max_steps=8", "train.save_steps=2", "eval.enabled=false", "train.precision=fp32"]
+    log = tmp_path / "first.txt"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        t0 = time.time()
+        while "step 4/8" not in log.read_text():  # checkpoint 2 is in the bucket
+            assert proc.poll() is None and time.time() - t0 < 600, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    assert any(i.base_name.startswith("checkpoint-") for i in fs.get_file_info(
+        pafs.FileSelector(f"{BUCKET}/runs/stopped"))), "no checkpoint in the bucket"
+
+    again = subprocess.run([*cmd, f"export.to=s3://{BUCKET}/models/stopped"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-4000:]
+    assert "resuming from checkpoint at step" in text, text[-3000:]
+    assert f"model folder copied to s3://{BUCKET}/models/stopped" in text
+    stored = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/models/stopped"))}
+    assert {"README.md", "model.safetensors", "sft_ray_final.json", "tokenizer.json"} <= stored, stored
+    assert not any(n.startswith(".sft-ray") for n in stored), stored
+
+    ev = subprocess.run([sys.executable, "-m", "sft_ray.cli", "eval", str(tmp_path), "eval.max_examples=4",
+                         "eval.probes=[Say hi]", "--model", f"s3://{BUCKET}/models/stopped"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics, metrics
+
+    # and served from the bucket: `sft-ray serve URI` makes a checked local copy, then answers the openai client
+    import httpx
+    import openai
+
+    port = 8127
+    serve_log = tmp_path / "serve.txt"
+    server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve", f"s3://{BUCKET}/models/stopped",
+                               "--port", str(port), "serve.model_name=tuned"], cwd=ROOT, env=env,
+                              stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while "Ctrl-C stops" not in serve_log.read_text():
+            assert server.poll() is None and time.time() - t0 < 300, serve_log.read_text()[-3000:]
+            time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        r = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens <= 4 and r.model == "tuned"
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert f"serving s3://{BUCKET}/models/stopped at http://127.0.0.1:{port}/v1" in serve_log.read_text()
