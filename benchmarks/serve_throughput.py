@@ -1,11 +1,13 @@
-"""Serve throughput: the Ray Serve endpoint at concurrency 1, 4, 8 (async openai client) against in-process
-sequential generation, same model, same prompts, same max_tokens, in one run.
+"""Serve throughput: the Ray Serve endpoint at concurrency 1, 4, 8 (async openai client, non-streaming and
+streaming) against what the same model does in one process, same prompts, same max_tokens, in one run.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--model embedded] [--requests 200] [--max-tokens 16]
+    .venv/bin/python benchmarks/serve_throughput.py [--model embedded] [--requests 96] [--max-tokens 16]
 
-Non-streaming requests measure throughput and latency (they are what @serve.batch batches); time to first
-token is measured on separate streaming requests at each concurrency. Last line: JSON with the ratio of
-concurrency-8 generated tokens/s to in-process sequential tokens/s.
+In-process baselines, greedy, 2 threads: ``generate`` one request at a time; ``generate`` on batches of 8 (what
+the hardware does when the prompts are known together, the baseline the endpoint is measured against); the
+engine's continuous batcher with 8 requests submitted together; transformers' own continuous batching
+(``generate_batch``, paged attention) on the same 8. Last line: JSON with the ratios of the endpoint's generated
+tokens/s to the in-process batch of 8, and of the continuous batcher and transformers' to it.
 """
 
 import argparse
@@ -32,39 +34,96 @@ def pct(values: list[float], q: float) -> float:
 
 
 def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads: int) -> dict:
+    """The four in-process setups on the same prompts (their greedy text is compared: it must be the same)."""
+    import threading
+
     import torch
+    from transformers import GenerationConfig
 
     from sft_ray.serve import Engine, GenRequest
 
     torch.set_num_threads(threads)
-    eng = Engine(model_dir)
-    lat, toks = [], 0
-    t0 = time.time()
-    for c in convs:
+    static = Engine(model_dir, continuous=False)
+    cont = Engine(model_dir, continuous=True)
+    reqs = [GenRequest(static.chat_ids(c), max_tokens, 0.0, 1.0, (), None) for c in convs]
+    out: dict[str, dict] = {}
+
+    def record(name, t0, lat, results):
+        wall = time.time() - t0
+        toks = sum(r.completion_tokens for r in results)
+        out[name] = {"requests": len(results), "errors": 0, "req_per_s": len(results) / wall,
+                     "tokens_per_s": toks / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
+                     "ttft_p50_s": float("nan"), "texts": [r.text for r in results]}
+
+    t0, lat, res = time.time(), [], []
+    for r in reqs:
         s = time.time()
-        r = eng.generate([GenRequest(eng.chat_ids(c), max_tokens, 0.0, 1.0, (), None)])[0]
+        res += static.generate([r])
         lat.append(time.time() - s)
-        toks += r.completion_tokens
-    wall = time.time() - t0
-    return {"requests": len(convs), "errors": 0, "req_per_s": len(convs) / wall, "tokens_per_s": toks / wall,
-            "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "ttft_p50_s": pct(lat, 0.5)}
+    record("in_process_sequential", t0, lat, res)
+    t0, lat, res = time.time(), [], []
+    for i in range(0, len(reqs), 8):
+        s = time.time()
+        res += static.generate(reqs[i:i + 8])
+        lat += [time.time() - s] * len(reqs[i:i + 8])
+    record("in_process_batch8", t0, lat, res)
+    t0, lat, res = time.time(), [], [None] * len(reqs)
+    for i in range(0, len(reqs), 8):
+        s = time.time()
+
+        def one(j):
+            res[j] = cont.generate([reqs[j]])[0]
+            lat.append(time.time() - s)
+
+        threads_ = [threading.Thread(target=one, args=(j,)) for j in range(i, min(i + 8, len(reqs)))]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+    record("in_process_continuous8", t0, lat, res)
+    gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(static.eos_ids),
+                          pad_token_id=static.tok.pad_token_id)
+    t0, lat, res = time.time(), [], []
+    for i in range(0, len(reqs), 8):
+        s = time.time()
+        got = static.model.generate_batch(inputs=[r.input_ids for r in reqs[i:i + 8]], generation_config=gc)
+        lat += [time.time() - s] * len(reqs[i:i + 8])
+        for k, r in zip(sorted(got, key=lambda k: int(k.rsplit("_", 1)[-1])), reqs[i:i + 8]):
+            res.append(static._finish(r, list(got[k].generated_tokens)))
+    record("transformers_cb8", t0, lat, res)
+    ref = out["in_process_sequential"]["texts"]
+    same = {k: v.pop("texts") == ref for k, v in out.items()}
+    return out, same
 
 
-async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int, ttft_requests: int) -> dict:
+async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int, stream: bool) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
     sem = asyncio.Semaphore(conc)
-    lat, toks, errors = [], 0, 0
+    lat, ttft, toks, errors = [], [], 0, 0
 
     async def one(c):
         nonlocal toks, errors
         async with sem:
             s = time.time()
             try:
-                r = await client.chat.completions.create(model="bench", messages=c, max_tokens=max_tokens,
-                                                         temperature=0)
-                toks += r.usage.completion_tokens
+                if not stream:
+                    r = await client.chat.completions.create(model="bench", messages=c, max_tokens=max_tokens,
+                                                             temperature=0)
+                    toks += r.usage.completion_tokens
+                else:
+                    it = await client.chat.completions.create(model="bench", messages=c, max_tokens=max_tokens,
+                                                              temperature=0, stream=True,
+                                                              stream_options={"include_usage": True})
+                    first = None
+                    async for chunk in it:
+                        if first is None and chunk.choices and chunk.choices[0].delta.content:
+                            first = time.time() - s
+                        if chunk.usage:
+                            toks += chunk.usage.completion_tokens
+                    if first is not None:
+                        ttft.append(first)
                 lat.append(time.time() - s)
             except Exception:
                 errors += 1
@@ -72,31 +131,17 @@ async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int
     t0 = time.time()
     await asyncio.gather(*[one(c) for c in convs])
     wall = time.time() - t0
-    ttft = []
-
-    async def first_token(c):
-        async with sem:
-            s = time.time()
-            stream = await client.chat.completions.create(model="bench", messages=c, max_tokens=max_tokens,
-                                                          temperature=0, stream=True)
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    ttft.append(time.time() - s)
-                    break
-            await stream.close()
-
-    await asyncio.gather(*[first_token(c) for c in convs[:ttft_requests]])
     return {"requests": len(convs), "errors": errors, "req_per_s": len(convs) / wall, "tokens_per_s": toks / wall,
-            "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "ttft_p50_s": pct(ttft, 0.5)}
+            "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "ttft_p50_s": pct(ttft, 0.5) if stream else float("nan")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--requests", type=int, default=168, help="per concurrency level (3 levels: 504 in all)")
-    ap.add_argument("--baseline-requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=96, help="per endpoint setup (6 setups)")
+    ap.add_argument("--baseline-requests", type=int, default=16, help="per in-process setup (4 setups)")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baseline")
+    ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baselines")
     ap.add_argument("--port", type=int, default=8130)
     a = ap.parse_args()
 
@@ -109,33 +154,28 @@ def main() -> None:
 
     model_dir = resolve_model_path(a.model)
     convs = prompts(a.requests)
-    results = {"in_process_sequential": in_process(model_dir, convs[: a.baseline_requests], a.max_tokens, a.cpus)}
-    cfg = load_config(None, [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}",
-                             "serve.max_batch_size=8"])
+    results, same_text = in_process(model_dir, convs[: a.baseline_requests], a.max_tokens, a.cpus)
+    cfg = load_config(None, [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}"])
     url = start(model_dir, cfg)
     try:
-        asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, 0))  # warm-up
-        health = url.removesuffix("/v1") + "/health"
-        for conc in (1, 4, 8):
-            h0 = httpx.get(health).json()
-            results[f"endpoint_c{conc}"] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, 16))
-            h = httpx.get(health).json()
-            results[f"endpoint_c{conc}"]["mean_batch"] = (h["batched_requests"] - h0["batched_requests"]) / max(
-                1, h["batches"] - h0["batches"])
+        asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, False))  # warm-up
+        for stream in (False, True):
+            for conc in (1, 4, 8):
+                key = f"endpoint_{'stream_' if stream else ''}c{conc}"
+                results[key] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, stream))
+                results[key]["max_running"] = httpx.get(f"{url}/stats").json()["most_running"]  # so far
     finally:
         serve.shutdown()
     print(f"{'setup':24s} {'req':>5s} {'err':>4s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
-          f"{'ttft50':>7s} {'batch':>6s}")
+          f"{'ttft50':>7s} {'maxrun':>6s}")
     for k, r in results.items():
         print(f"{k:24s} {r['requests']:5d} {r['errors']:4d} {r['req_per_s']:7.2f} {r['tokens_per_s']:7.1f} "
-              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f} {r.get('mean_batch', 1):6.2f}")
-    total = sum(r["requests"] for k, r in results.items() if k.startswith("endpoint"))
-    errors = sum(r["errors"] for r in results.values())
-    base = results["in_process_sequential"]["tokens_per_s"]
-    print(json.dumps({"ratio_c8_vs_inprocess": round(results["endpoint_c8"]["tokens_per_s"] / base, 3),
-                      "ratio_c4_vs_inprocess": round(results["endpoint_c4"]["tokens_per_s"] / base, 3),
-                      "ratio_c1_vs_inprocess": round(results["endpoint_c1"]["tokens_per_s"] / base, 3),
-                      "endpoint_requests": total, "errors": errors, "max_tokens": a.max_tokens, "cpus": a.cpus}))
+              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f} {r.get('max_running', '-'):>6}")
+    base = results["in_process_batch8"]["tokens_per_s"]
+    ratio = {k: round(r["tokens_per_s"] / base, 3) for k, r in results.items()}
+    print(json.dumps({"ratio_vs_in_process_batch8": ratio, "same_greedy_text_as_sequential": same_text,
+                      "errors": sum(r["errors"] for r in results.values()), "max_tokens": a.max_tokens,
+                      "cpus": a.cpus}))
 
 
 if __name__ == "__main__":

@@ -196,9 +196,13 @@ class ServeConfig(_Strict):
     api_key_env: str | None = Field(None, description="environment variable holding the API key; unset = no auth")
     max_tokens_limit: int = Field(512, gt=0)
     default_max_tokens: int = Field(128, gt=0)
-    max_batch_size: int = Field(8, gt=0)
+    max_batch_size: int = Field(8, gt=0, description="with continuous_batching=false: requests per generate call")
+    continuous_batching: bool = Field(True, description="every request joins one running batch at a token boundary "
+                                                         "(models with a plain KV cache); false: one generate each")
+    max_running: int = Field(32, gt=0, description="requests decoded together; more wait for a slot")
     # long enough for a batch to fill on CPU, where a started batch slows the arrival of the rest
-    batch_wait_s: float = Field(0.1, ge=0, description="how long a batch waits to fill (max_batch_size)")
+    batch_wait_s: float = Field(0.1, ge=0, description="with continuous_batching=false: how long a batch waits to "
+                                                       "fill (max_batch_size)")
     max_body_bytes: int = Field(1_000_000, gt=0)
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)

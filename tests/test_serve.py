@@ -53,7 +53,10 @@ def _chat_ids(tok, messages):
 def test_models_and_health(server):
     client = openai.OpenAI(base_url=server, api_key=KEY)
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(server.removesuffix("/v1") + "/health").json()["status"] == "ok"
+    assert httpx.get(server.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # nothing else, no key
+    assert httpx.get(f"{server}/stats").status_code == 401  # the counters are behind the key
+    stats = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["continuous_batching"] is True and stats["running"] == 0, stats
 
 
 def test_chat_greedy_equals_in_process_generate(server, local_model):
@@ -120,6 +123,44 @@ def test_concurrent_requests_are_batched_and_correct(server):
 
     sequential, together = asyncio.run(go())
     assert together == sequential
+
+
+def test_streams_share_the_running_batch_and_seeds_hold_under_load(server):
+    """Streaming requests join one running batch (the replica reports several decoded together) and each still
+    gets its own answer: greedy ones equal the non-streamed answer, a seeded one its answer alone."""
+    prompts = [f"Story {i}: once upon a time" for i in range(6)]
+    seeded = dict(model="tiny", prompt="Random words:", max_tokens=16, temperature=1.0, top_p=0.9, seed=11)
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=server, api_key=KEY)
+        alone = (await client.completions.create(**seeded)).choices[0].text
+        plain = [(await client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0)).choices[0].text
+                 for p in prompts]
+
+        async def stream(**kw):
+            text = ""
+            async for chunk in await client.completions.create(stream=True, **kw):
+                text += chunk.choices[0].text if chunk.choices else ""
+            return text
+
+        got = await asyncio.gather(*[stream(model="tiny", prompt=p, max_tokens=24, temperature=0) for p in prompts],
+                                   stream(**seeded),
+                                   *[stream(model="tiny", prompt=p, max_tokens=24, temperature=1.3) for p in prompts])
+        return alone, plain, got
+
+    alone, plain, got = asyncio.run(go())
+    assert got[:6] == plain
+    assert got[6] == alone
+    stats = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert stats["most_running"] >= 4, stats
+
+
+def test_vllm_backend_is_refused_without_a_gpu(tiny_model_dir):
+    from sft_ray.config import ConfigError
+    from sft_ray.serve import start
+
+    with pytest.raises(ConfigError, match=r"serve.backend=vllm needs a GPU per replica; this cluster has 0 GPUs"):
+        start(str(tiny_model_dir), load_config(None, ["serve.backend=vllm", "serve.port=8199"]))
 
 
 def test_auth(server):

@@ -62,6 +62,8 @@ class ServeSettings:
     default_max_tokens: int = 128
     max_batch_size: int = 8
     batch_wait_s: float = 0.1
+    continuous_batching: bool = True
+    max_running: int = 32
     max_body_bytes: int = 1_000_000
     api_key_sha256: str | None = None
     trust_remote_code: bool = False
@@ -74,7 +76,8 @@ class ServeSettings:
 class OpenAIServer:
     def __init__(self, model_dir: str, settings: dict):
         self.s = ServeSettings(**settings)
-        self.engine = Engine(model_dir, self.s.trust_remote_code, self.s.base_model)
+        self.engine = Engine(model_dir, self.s.trust_remote_code, self.s.base_model,
+                             continuous=self.s.continuous_batching, max_running=self.s.max_running)
         self.created = int(time.time())
         self.active_streams = 0
         self.cancelled_streams = 0  # streams ended early because the client went away
@@ -138,22 +141,48 @@ class OpenAIServer:
         self.batched_requests += len(reqs)
         return await asyncio.to_thread(self.engine.generate, reqs)
 
+    async def _generate(self, gen: GenRequest) -> GenResult:
+        """One answer: through the engine's running batch when it has one (awaited, no thread held), else
+        through ``@serve.batch``."""
+        if self.engine.batcher is None:
+            return await self._batched(gen)
+        h = self.engine.batcher.submit(gen, None, asyncio.get_running_loop())
+        try:
+            while await h.next_token() is not None:
+                pass
+        finally:
+            h.cancelled.set()  # a client gone mid-way frees the slot
+        if "error" in h.result:
+            raise h.result["error"]
+        return await asyncio.to_thread(self.engine._finish, gen, h.result["ids"])
+
+    def _start_stream(self, gen: GenRequest, cancelled: threading.Event):
+        """(async text pieces, something to join, the result dict) from the running batch or a generate thread."""
+        if self.engine.batcher is not None:
+            h = self.engine.batcher.submit(gen, cancelled, asyncio.get_running_loop())
+            return self.engine.apieces(h), h, h.result
+        streamer, thread, result = self.engine.stream(gen, cancelled)
+
+        async def pieces():
+            it = iter(streamer)
+            while (piece := await asyncio.to_thread(next, it, None)) is not None:
+                yield piece
+
+        return pieces(), thread, result
+
     async def _stream(self, gen: GenRequest, kind: str, model: str, with_usage: bool) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         cancelled = threading.Event()
-        streamer, thread, result = self.engine.stream(gen, cancelled)
+        pieces, thread, result = self._start_stream(gen, cancelled)
         self.active_streams += 1
         sent = ""
+        piece = ""
         finish = "length"
         completed = False
         try:
             if kind == "chat":
                 yield sse(cid, kind, model, self.created, {"role": "assistant", "content": ""})
-            it = iter(streamer)
-            while True:
-                piece = await asyncio.to_thread(next, it, None)
-                if piece is None:
-                    break
+            async for piece in pieces:
                 if not piece:
                     continue
                 stop_at = min(((sent + piece).find(s) for s in gen.stop if s and s in sent + piece), default=-1)
@@ -199,9 +228,18 @@ class OpenAIServer:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.s.model_name, "active_streams": self.active_streams,
-                "cancelled_streams": self.cancelled_streams, "batches": self.batches,
-                "batched_requests": self.batched_requests}
+        """For load balancers and probes: the replica is up, nothing more (no key needed, nothing to learn)."""
+        return {"status": "ok"}
+
+    @app.get("/v1/stats")
+    async def stats(self, request: Request) -> dict:
+        """This replica's counters, behind the API key like the model routes."""
+        self._check_auth(request)
+        b = self.engine.batcher
+        return {"active_streams": self.active_streams, "cancelled_streams": self.cancelled_streams,
+                "batches": self.batches, "batched_requests": self.batched_requests,
+                "continuous_batching": b is not None, "running": b.running if b else None,
+                "most_running": b.most_running if b else None}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -227,4 +265,4 @@ class OpenAIServer:
         if req.stream:
             with_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(gen, kind, req.model, with_usage), media_type="text/event-stream")
-        return self._complete(kind, req.model, await self._batched(gen))
+        return self._complete(kind, req.model, await self._generate(gen))

@@ -19,6 +19,8 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
         default_max_tokens=serve_cfg.default_max_tokens,
         max_batch_size=serve_cfg.max_batch_size,
         batch_wait_s=serve_cfg.batch_wait_s,
+        continuous_batching=serve_cfg.continuous_batching,
+        max_running=serve_cfg.max_running,
         max_body_bytes=serve_cfg.max_body_bytes,
         # only a hash of the key travels to the replicas (and so into Serve's config and logs)
         api_key_sha256=hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
@@ -81,7 +83,7 @@ def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False):
     llm = LLMConfig(
         model_loading_config={"model_id": serve_cfg.model_name or Path(model_dir).name, "model_source": model_dir},
         deployment_config=deployment,
-        engine_kwargs={"trust_remote_code": trust_remote_code, "max_num_seqs": max(serve_cfg.max_batch_size, 8)},
+        engine_kwargs={"trust_remote_code": trust_remote_code, "max_num_seqs": serve_cfg.max_running},
     )
     return build_openai_app({"llm_configs": [llm]})
 
@@ -103,6 +105,15 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
         raise RuntimeError("serve.backend=vllm serves full models: export with export.merge_lora=true, "
                            "or use the transformers backend for an adapter")
     init_ray(cfg)
+    if sc.backend == "vllm":
+        import ray
+
+        from sft_ray.config import ConfigError
+
+        if ray.cluster_resources().get("GPU", 0) < max(sc.gpus_per_replica, 1):
+            raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has "
+                              f"{ray.cluster_resources().get('GPU', 0):g} GPUs. Use serve.backend=transformers "
+                              "(CPU or GPU) or serve on a GPU cluster")
     serve.start(http_options={"host": sc.host, "port": sc.port})
     if sc.backend == "vllm":
         if sc.api_key_env:

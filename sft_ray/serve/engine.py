@@ -1,6 +1,11 @@
-"""Generation with a transformers model: batches of requests with the same sampling settings, and token
-streams. No HTTP and no Serve in here, so benchmarks and tests can drive it in-process."""
+"""Generation with a transformers model: batches of requests, and token streams. No HTTP and no Serve in here,
+so benchmarks and tests can drive it in-process.
 
+Every request picks its tokens by its own settings and, when it samples, from its own ``torch.Generator``
+(``_RowSampler``): requests with different temperatures, top-p or seeds share one ``generate`` call, and a seeded
+request gives the same answer whatever runs beside it (the global RNG is never touched)."""
+
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +20,41 @@ class GenRequest:
     stop: tuple[str, ...]
     seed: int | None
 
-    def group_key(self) -> tuple:
-        """Requests that can share one ``generate`` call (seeded sampling runs alone)."""
-        greedy = self.temperature == 0
-        return (greedy, None if greedy else (self.temperature, self.top_p, self.seed, id(self) if self.seed is not None else None))
+
+
+class _RowSampler:
+    """A logits processor that makes each row's choice itself: the argmax for a greedy row, else a sample from the
+    row's tempered, top-p-filtered distribution drawn with the row's own generator. It returns a score row that is
+    finite only at that token, so ``generate``'s greedy step takes it. It runs last, after the model's own
+    processors, so a greedy row is exactly what ``generate`` alone gives."""
+
+    def __init__(self, reqs: list[GenRequest], device, torch):
+        self.torch, self.reqs = torch, reqs
+        self.generators = []
+        for r in reqs:
+            g = None
+            if r.temperature > 0:
+                g = torch.Generator(device=device)  # on the logits' device: CUDA sampling needs a CUDA generator
+                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+            self.generators.append(g)
+
+    def __call__(self, input_ids, scores):
+        torch = self.torch
+        out = torch.full_like(scores, float("-inf"))
+        for i, (r, g) in enumerate(zip(self.reqs, self.generators)):
+            row = scores[i].float()
+            if g is None:
+                tok = int(torch.argmax(row))
+            else:
+                logits = row / r.temperature
+                if r.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+                    sorted_logits, order = torch.sort(logits, descending=True)
+                    probs = torch.softmax(sorted_logits, dim=-1)
+                    drop = torch.cumsum(probs, dim=-1) - probs > r.top_p
+                    logits[order[drop]] = float("-inf")
+                tok = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g))
+            out[i, tok] = 0.0
+        return out
 
 
 @dataclass
@@ -32,7 +68,8 @@ class GenResult:
 class Engine:
     """A transformers model answering batches of prompts; no Serve or HTTP in here."""
 
-    def __init__(self, model_dir: str, trust_remote_code: bool = False, base_model: str | None = None):
+    def __init__(self, model_dir: str, trust_remote_code: bool = False, base_model: str | None = None,
+                 continuous: bool = True, max_running: int = 32):
         import torch
 
         from sft_ray.modeling import load_for_inference
@@ -46,6 +83,10 @@ class Engine:
         gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids.discard(None)
+        from sft_ray.serve.batcher import ContinuousBatcher
+
+        self.batcher = ContinuousBatcher(self.model, self.eos_ids, max_running) \
+            if continuous and ContinuousBatcher.supports(self.model) else None
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -57,13 +98,15 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def _gen_kwargs(self, r: GenRequest, max_new: int) -> dict[str, Any]:
+    def _gen_kwargs(self, reqs: list[GenRequest], max_new: int) -> dict[str, Any]:
+        """Greedy steps for the whole batch; a row that samples does so in ``_RowSampler``."""
+        from transformers import LogitsProcessorList
+
         kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
-                                  eos_token_id=sorted(self.eos_ids))
-        if r.temperature == 0:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kw.update(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=None)
+                                  eos_token_id=sorted(self.eos_ids), do_sample=False, temperature=None, top_p=None,
+                                  top_k=None)
+        if any(r.temperature > 0 for r in reqs):
+            kw["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device, self.torch)])
         return kw
 
     def _finish(self, r: GenRequest, ids: list[int]) -> GenResult:
@@ -84,31 +127,30 @@ class Engine:
         return GenResult(text=text, prompt_tokens=len(r.input_ids), completion_tokens=n, finish_reason=reason)
 
     def generate(self, reqs: list[GenRequest]) -> list[GenResult]:
-        """Generate for several requests, batching those with the same sampling settings."""
+        """Answers for several requests: through the running batch, or one left-padded ``generate`` call."""
+        if self.batcher is not None:
+            handles = [self.batcher.submit(r) for r in reqs]
+            for h in handles:
+                h.join()
+                if "error" in h.result:
+                    raise h.result["error"]
+            return [self._finish(r, h.result["ids"]) for r, h in zip(reqs, handles)]
         torch = self.torch
-        results: list[GenResult | None] = [None] * len(reqs)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault(r.group_key(), []).append(i)
-        for idx in groups.values():
-            batch = [reqs[i] for i in idx]
-            width = max(len(r.input_ids) for r in batch)
-            pad = self.tok.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in batch])
-            attn = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
-            if batch[0].seed is not None:
-                torch.manual_seed(batch[0].seed)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-                    **self._gen_kwargs(batch[0], max(r.max_tokens for r in batch)),
-                )
-            for j, i in enumerate(idx):
-                results[i] = self._finish(reqs[i], out[j, width:].tolist())
-        return results  # type: ignore[return-value]
+        width = max(len(r.input_ids) for r in reqs)
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in reqs])
+        attn = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in reqs])
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+                                      **self._gen_kwargs(reqs, max(r.max_tokens for r in reqs)))
+        return [self._finish(r, out[j, width:].tolist()) for j, r in enumerate(reqs)]
 
     def stream(self, r: GenRequest, cancelled: threading.Event):
-        """Yield text pieces as they are generated; stops early when ``cancelled`` is set."""
+        """(text pieces as they are generated, something to ``join``, the result dict with ``ids`` or ``error``);
+        generation stops early when ``cancelled`` is set."""
+        if self.batcher is not None:
+            h = self.batcher.submit(r, cancelled)
+            return self._pieces(h), h, h.result
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         torch = self.torch
@@ -119,13 +161,11 @@ class Engine:
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         ids = torch.tensor([r.input_ids], device=self.device)
-        kwargs = self._gen_kwargs(r, r.max_tokens)
+        kwargs = self._gen_kwargs([r], r.max_tokens)
         result: dict[str, Any] = {}
 
         def run():
             try:
-                if r.seed is not None:
-                    torch.manual_seed(r.seed)
                 with torch.inference_mode():
                     out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                               stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kwargs)
@@ -137,3 +177,42 @@ class Engine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         return streamer, thread, result
+
+    def _pieces(self, h):
+        """Text as the batcher's token ids arrive (a thread waits on them)."""
+        detok = _Detok(self.tok)
+        while True:
+            tok = h.tokens.get()
+            piece = detok.add(tok)
+            if piece:
+                yield piece
+            if tok is None:
+                return
+
+    async def apieces(self, h):
+        """Text as the batcher's token ids arrive, for a request submitted with the event loop (nothing blocks)."""
+        detok = _Detok(self.tok)
+        while True:
+            tok = await h.next_token()
+            piece = detok.add(tok)
+            if piece:
+                yield piece
+            if tok is None:
+                return
+
+
+class _Detok:
+    """Token ids to text pieces, decoded whole each time so that a character made of several tokens comes out
+    complete: a piece never ends in half a character (until the end)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.sent = tok, [], ""
+
+    def add(self, token: int | None) -> str:
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if (token is not None and text.endswith("\ufffd")) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece

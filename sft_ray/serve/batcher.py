@@ -1,0 +1,223 @@
+"""Continuous batching: every request, streaming or not, joins one running batch at a token boundary and leaves
+it when it ends, is cancelled, or its client goes.
+
+One thread owns the model. Each step it prefills the requests that arrived (one forward each, the first token
+chosen), merges their KV caches into the running batch's (left padding), and decodes one token for every running
+request with one forward. Tokens are chosen by ``engine._RowSampler`` rules: greedy rows take the argmax, sampling
+rows draw from their own generator. Padding columns that no row needs any more are trimmed as requests leave.
+
+Only models whose cache is transformers' plain ``DynamicCache`` of full-attention layers are batched this way
+(``supports``); others keep one ``generate`` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Handle:
+    """A request in the batcher: its token ids arrive one by one (None at the end), on ``tokens`` or, for a
+    request submitted with an event loop, on an asyncio queue read by ``next_token`` (no thread waits on it);
+    ``result`` holds ``ids`` or ``error`` once done."""
+
+    req: Any
+    cancelled: threading.Event
+    loop: asyncio.AbstractEventLoop | None = None
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    result: dict = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self._aq: asyncio.Queue | None = asyncio.Queue() if self.loop is not None else None
+
+    def put(self, tok: int | None) -> None:
+        if self.loop is None:
+            self.tokens.put(tok)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._aq.put_nowait, tok)
+        except RuntimeError:  # the loop has closed (the replica is going away): nobody is listening
+            self.cancelled.set()
+
+    async def next_token(self) -> int | None:
+        return await self._aq.get()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
+
+
+class _Row:
+    def __init__(self, handle: Handle, sampler):
+        self.handle, self.sampler = handle, sampler  # sampler: a one-row _RowSampler (its generator)
+        self.ids: list[int] = []
+        self.pos = len(handle.req.input_ids)  # position of the next input token
+
+
+class ContinuousBatcher:
+    def __init__(self, model, eos_ids: set[int], max_batch: int = 32):
+        import torch
+
+        self.torch, self.model, self.eos_ids, self.max_batch = torch, model, eos_ids, max_batch
+        self.device = model.device
+        import inspect
+
+        # transformers 5 renamed the forward's ``past_key_values`` to ``cache``; the cache object is updated in place
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no vocab logits per prompt token
+        self.inbox: queue.Queue[Handle] = queue.Queue()
+        self.running = 0  # requests in the batch now (read by the app's metrics)
+        self.most_running = 0  # the most requests decoded together so far
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def supports(model) -> bool:
+        """A plain DynamicCache of full-attention layers (what the merge and trim below handle)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        try:
+            cache = DynamicCache(config=model.config)
+        except Exception:
+            return False
+        return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def submit(self, req, cancelled: threading.Event | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        h = Handle(req, cancelled or threading.Event(), loop)
+        self.inbox.put(h)
+        return h
+
+    # -- the loop (one thread owns the model)
+
+    def _loop(self) -> None:
+        torch = self.torch
+        rows: list[_Row] = []
+        cache = mask = None
+        while True:
+            waiting = []
+            try:
+                waiting.append(self.inbox.get(timeout=None if not rows else 0))
+                while len(rows) + len(waiting) < self.max_batch:
+                    waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                with torch.inference_mode():
+                    for h in waiting:
+                        if h.cancelled.is_set():
+                            self._end(_Row(h, None), None)
+                            continue
+                        row, row_cache = self._prefill(h)
+                        if self._finished(row):
+                            self._end(row, None)
+                            continue
+                        cache, mask = self._merge(cache, mask, row_cache, len(h.req.input_ids))
+                        rows.append(row)
+                    if rows:
+                        self.most_running = max(self.most_running, len(rows))
+                        cache, mask, rows = self._step(rows, cache, mask)
+            except Exception as e:  # a failed forward fails the requests in it, not the replica
+                for r in rows:
+                    self._end(r, e)
+                for h in waiting:
+                    if not h.done.is_set():
+                        self._end(_Row(h, None), e)
+                rows, cache, mask = [], None, None
+            self.running = len(rows)
+
+    def _prefill(self, h: Handle):
+        from transformers import DynamicCache
+
+        from sft_ray.serve.engine import _RowSampler
+
+        torch = self.torch
+        row = _Row(h, _RowSampler([h.req], self.device, torch))
+        ids = torch.tensor([h.req.input_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.last_only,
+                         **{self.cache_kw: cache})
+        self._take(row, self._choose([row], out.logits[:, -1, :])[0])
+        return row, cache
+
+    def _step(self, rows: list[_Row], cache, mask):
+        torch = self.torch
+        nxt = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+        pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+        out = self.model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self.cache_kw: cache})
+        for r, tok in zip(rows, self._choose(rows, out.logits[:, -1, :])):
+            r.pos += 1
+            self._take(r, tok)
+        keep = [i for i, r in enumerate(rows) if not self._finished(r)]
+        for i, r in enumerate(rows):
+            if i not in keep:
+                self._end(r, None)
+        if len(keep) == len(rows):
+            return cache, mask, rows
+        if not keep:
+            return None, None, []
+        index = torch.tensor(keep, device=self.device)
+        mask = mask.index_select(0, index)
+        first = int(mask.any(dim=0).nonzero()[0])  # leading columns that are padding in every row left
+        mask = mask[:, first:]
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        return cache, mask, [rows[i] for i in keep]
+
+    def _merge(self, cache, mask, new, prompt_len: int):
+        """The running batch's cache plus one prefilled request's (its prompt; the token it chose is fed in by the
+        next step)."""
+        torch = self.torch
+        new_mask = torch.ones((1, prompt_len), dtype=torch.long, device=self.device)
+        if cache is None:
+            return new, new_mask
+        width = max(mask.shape[1], new_mask.shape[1])
+
+        def left(t, n, dim):
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        for old_layer, new_layer in zip(cache.layers, new.layers):
+            old_layer.keys = torch.cat([left(old_layer.keys, width - mask.shape[1], 2),
+                                        left(new_layer.keys, width - new_mask.shape[1], 2)], dim=0)
+            old_layer.values = torch.cat([left(old_layer.values, width - mask.shape[1], 2),
+                                          left(new_layer.values, width - new_mask.shape[1], 2)], dim=0)
+        mask = torch.cat([left(mask, width - mask.shape[1], 1), left(new_mask, width - new_mask.shape[1], 1)], dim=0)
+        return cache, mask
+
+    def _choose(self, rows: list[_Row], logits) -> list[int]:
+        out = []
+        for i, r in enumerate(rows):
+            scores = r.sampler(None, logits[i:i + 1])
+            out.append(int(self.torch.argmax(scores[0])))
+        return out
+
+    def _take(self, row: _Row, tok: int) -> None:
+        row.ids.append(tok)
+        if tok not in self.eos_ids:
+            row.handle.put(tok)
+
+    def _finished(self, row: _Row) -> bool:
+        return (row.ids[-1] in self.eos_ids or len(row.ids) >= row.handle.req.max_tokens
+                or row.handle.cancelled.is_set())
+
+    def _end(self, row: _Row, error: Exception | None) -> None:
+        h = row.handle
+        if error is not None:
+            h.result["error"] = error
+        else:
+            h.result["ids"] = row.ids
+        h.done.set()
+        h.put(None)

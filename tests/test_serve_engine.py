@@ -1,0 +1,127 @@
+"""The serving engine in-process (no Serve, no HTTP): one batch holds requests with different sampling settings,
+each sampling request draws from its own generator, and greedy rows are what ``generate`` alone gives."""
+
+import threading
+
+import pytest
+import torch
+
+from sft_ray.serve.engine import Engine, GenRequest
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine(str(tiny_model_dir))
+
+
+def _req(engine, prompt, temperature=0.0, seed=None, top_p=1.0, max_tokens=12):
+    return GenRequest(input_ids=engine.chat_ids([{"role": "user", "content": prompt}]), max_tokens=max_tokens,
+                      temperature=temperature, top_p=top_p, stop=(), seed=seed)
+
+
+def _alone_greedy(engine, ids, n):
+    out = engine.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n, do_sample=False, pad_token_id=engine.tok.pad_token_id,
+                                eos_token_id=sorted(engine.eos_ids), temperature=None, top_p=None, top_k=None)
+    return engine._finish(GenRequest(ids, n, 0.0, 1.0, (), None), out[0, len(ids):].tolist()).text
+
+
+def test_a_seeded_request_gives_the_same_answer_whatever_is_batched_beside_it(engine):
+    seeded = _req(engine, "Name a colour.", temperature=1.5, seed=7)
+    alone = engine.generate([seeded])[0].text
+    mixed = engine.generate([_req(engine, "Count to three, please, slowly."), seeded,
+                             _req(engine, "hi", temperature=0.9, top_p=0.8),
+                             _req(engine, "Name a colour.", temperature=1.5, seed=8)])
+    assert mixed[1].text == alone
+    assert mixed[3].text != alone  # another seed, another draw (random tiny model, temperature 1.5)
+    torch.manual_seed(0)  # the global RNG plays no part
+    assert engine.generate([seeded])[0].text == alone
+
+
+def test_greedy_rows_in_a_mixed_batch_equal_generate_alone(engine):
+    reqs = [_req(engine, "Count to three, please, slowly."), _req(engine, "hi", temperature=1.0, seed=3),
+            _req(engine, "What is 2+2?")]
+    out = engine.generate(reqs)
+    for i in (0, 2):
+        assert out[i].text == _alone_greedy(engine, reqs[i].input_ids, reqs[i].max_tokens)
+
+
+def test_seeded_streams_under_concurrency_are_reproducible(engine):
+    """Streams run in threads beside each other; each seeded one matches its own run alone."""
+    def run(r):
+        streamer, thread, result = engine.stream(r, threading.Event())
+        text = "".join(streamer)
+        thread.join()
+        return text
+
+    reqs = [_req(engine, f"Tell me about {w}.", temperature=1.2, seed=s) for s, w in enumerate(["cats", "dogs", "owls"])]
+    alone = [run(r) for r in reqs]
+    got = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, run(reqs[i]))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == alone
+
+
+def test_top_p_keeps_only_the_most_likely_tokens(engine):
+    """top_p close to 0 leaves one token: the answer is the greedy one, whatever the seed and temperature."""
+    greedy = engine.generate([_req(engine, "hi")])[0].text
+    assert engine.generate([_req(engine, "hi", temperature=2.0, seed=s, top_p=1e-6) for s in (1, 2)])[0].text == greedy
+
+
+def test_requests_join_the_running_batch_and_leave_it_with_generates_answers(engine):
+    """A long stream runs; more requests arrive while it decodes, join its batch at a token boundary (the batch
+    holds several at once) and each ends with exactly what ``generate`` alone gives, greedy token for token."""
+    assert engine.batcher is not None  # a Llama: plain DynamicCache
+    long = _req(engine, "Count to three, please, slowly.", max_tokens=40)
+    streamer, handle, result = engine.stream(long, threading.Event())
+    it = iter(streamer)
+    first = next(it)  # the long one is decoding
+    others = [_req(engine, p, max_tokens=n) for p, n in (("hi", 5), ("What is 2+2?", 17), ("Name a colour.", 30))]
+    answers = engine.generate(others)
+    text = first + "".join(it)
+    handle.join(60)
+    assert engine.batcher.most_running >= 2
+    assert text == engine._finish(long, result["ids"]).text == _alone_greedy(engine, long.input_ids, 40)
+    for r, a in zip(others, answers):
+        assert a.text == _alone_greedy(engine, r.input_ids, r.max_tokens)
+
+
+def test_a_cancelled_stream_leaves_at_once_and_the_rest_go_on(engine):
+    cancelled = threading.Event()
+    streamer, handle, result = engine.stream(_req(engine, "Tell me a long story.", max_tokens=200), cancelled)
+    it = iter(streamer)
+    next(it)
+    other = _req(engine, "What is 2+2?", max_tokens=20)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("a", engine.generate([other])[0]))
+    t.start()
+    cancelled.set()  # the client went away
+    handle.join(30)
+    assert handle.done.is_set() and len(result["ids"]) < 200
+    t.join(60)
+    assert done["a"].text == _alone_greedy(engine, other.input_ids, 20)
+
+
+def test_continuous_batching_off_keeps_one_generate_per_request(tiny_model_dir):
+    off = Engine(str(tiny_model_dir), continuous=False)
+    assert off.batcher is None
+    r = _req(off, "hi", max_tokens=8)
+    assert off.generate([r])[0].text == _alone_greedy(off, r.input_ids, 8)
+
+
+def test_sliding_window_caches_are_not_merged():
+    """A sliding-window cache drops old positions; merging it by left padding would be wrong, so such models
+    keep one generate per request."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sft_ray.serve.batcher import ContinuousBatcher
+
+    def tiny(window):
+        return MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=window))
+
+    assert (ContinuousBatcher.supports(tiny(16)), ContinuousBatcher.supports(tiny(None))) == (False, True)
