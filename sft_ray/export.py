@@ -22,6 +22,7 @@ FINAL_DIR = "final_model"
 FILES_KEY = "sft_ray_files"  # in the final marker: every other file of the final model, with its size
 MANIFEST = "sft_ray_manifest_rank{rank}.json"
 PROBE_FILE = "sft_ray_probe.pt"
+UPLOADING = ".sft-ray-uploading"  # in an export.to folder while it is being written
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # Ray storage folder of a training checkpoint
 PROBE_TEXT = "sft-ray export check: the quick brown fox jumps over the lazy dog."
 
@@ -276,5 +277,3 @@ def publish(model_dir: Path, uri: str) -> str:
     fs.delete_file(f"{root}/{UPLOADING}")
     return uri
 
-
-UPLOADING = ".sft-ray-uploading"  # in an export.to folder while it is being written

@@ -131,6 +131,17 @@ def _check_resumed(out: Path, reference, resumed_from: int):
     assert _tokens(out)[STEPS] == ref_tokens[STEPS] - ref_tokens[resumed_from], (_tokens(out), ref_tokens)
 
 
+def _check_killed_mid_run(log: Path, out: Path, reference) -> int:
+    """A run killed after step 2*SAVE+1 resumed from a checkpoint and finished as if uninterrupted; returns the
+    step it resumed from: 6 if the controller had registered that checkpoint before the kill, else 3 (on a fast
+    machine the kill can land between the workers' report and its registration)."""
+    text = log.read_text()
+    resumed = int(text.split("resuming from checkpoint at step ")[-1].split()[0])
+    assert resumed in (SAVE, 2 * SAVE), text[-3000:]
+    _check_resumed(out, reference, resumed)
+    return resumed
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tmp_path_factory, tiny_model_dir):
     reference = _reference("default", tmp_path_factory, tiny_model_dir)
     log = tmp_path / "log.txt"
@@ -148,12 +159,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tmp_path_factor
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    resumed = int(text.split("resuming from checkpoint at step ")[-1].split()[0])
-    # checkpoint 6 if the controller had registered it before the kill, else 3 (on a fast machine the kill can
-    # land between the workers' report and its registration); either way the run must finish as if uninterrupted
-    assert resumed in (SAVE, 2 * SAVE), text[-3000:]
-    _check_resumed(tmp_path, reference, resumed)
+    resumed = _check_killed_mid_run(log, tmp_path, reference)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["train_seconds"] > 0
     print(f"\nrecovery: worker killed after step {2 * SAVE + 1}; group restarted and resumed from step {resumed} "

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_fault_tolerance import SAVE, STEPS, _check_resumed, _losses, _trace, _wait_for, _worker_pids
+from test_fault_tolerance import SAVE, STEPS, _check_killed_mid_run, _losses, _trace, _wait_for, _worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -192,10 +192,7 @@ def test_spread_workers_then_a_lost_node_resumes_on_its_replacement(nodes, tmp_p
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    resumed = int(text.split("resuming from checkpoint at step ")[-1].split()[0])
-    assert resumed in (SAVE, 2 * SAVE), text[-3000:]
-    _check_resumed(lost, reference, resumed)
+    resumed = _check_killed_mid_run(log, lost, reference)
     assert (lost / "model" / "model.safetensors").is_file()
     print(f"\nlost node: killed after step {2 * SAVE + 1}; replacement added {t_add - t_kill:.1f}s later; resumed "
           f"from step {resumed}; finished {t_done - t_kill:.1f}s after the kill")

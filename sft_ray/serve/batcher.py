@@ -156,9 +156,10 @@ class ContinuousBatcher:
         for r, tok in zip(rows, self._choose(rows, out.logits[:, -1, :])):
             r.pos += 1
             self._take(r, tok)
-        keep = [i for i, r in enumerate(rows) if not self._finished(r)]
-        for i, r in enumerate(rows):
-            if i not in keep:
+        finished = [self._finished(r) for r in rows]  # once: a cancel may land at any moment
+        keep = [i for i, done in enumerate(finished) if not done]
+        for r, done in zip(rows, finished):
+            if done:
                 self._end(r, None)
         if len(keep) == len(rows):
             return cache, mask, rows
@@ -198,11 +199,7 @@ class ContinuousBatcher:
         return cache, mask
 
     def _choose(self, rows: list[_Row], logits) -> list[int]:
-        out = []
-        for i, r in enumerate(rows):
-            scores = r.sampler(None, logits[i:i + 1])
-            out.append(int(self.torch.argmax(scores[0])))
-        return out
+        return [r.sampler.pick(0, logits[i]) for i, r in enumerate(rows)]
 
     def _take(self, row: _Row, tok: int) -> None:
         row.ids.append(tok)

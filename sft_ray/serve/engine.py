@@ -39,22 +39,24 @@ class _RowSampler:
             self.generators.append(g)
 
     def __call__(self, input_ids, scores):
-        torch = self.torch
-        out = torch.full_like(scores, float("-inf"))
-        for i, (r, g) in enumerate(zip(self.reqs, self.generators)):
-            row = scores[i].float()
-            if g is None:
-                tok = int(torch.argmax(row))
-            else:
-                logits = row / r.temperature
-                if r.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-                    sorted_logits, order = torch.sort(logits, descending=True)
-                    probs = torch.softmax(sorted_logits, dim=-1)
-                    drop = torch.cumsum(probs, dim=-1) - probs > r.top_p
-                    logits[order[drop]] = float("-inf")
-                tok = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g))
-            out[i, tok] = 0.0
+        out = self.torch.full_like(scores, float("-inf"))
+        for i in range(len(self.reqs)):
+            out[i, self.pick(i, scores[i])] = 0.0
         return out
+
+    def pick(self, i: int, scores) -> int:
+        """Row ``i``'s next token from its scores (what the continuous batcher calls directly)."""
+        torch, r, g = self.torch, self.reqs[i], self.generators[i]
+        row = scores.float()
+        if g is None:
+            return int(torch.argmax(row))
+        logits = row / r.temperature
+        if r.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = torch.cumsum(probs, dim=-1) - probs > r.top_p
+            logits[order[drop]] = float("-inf")
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g))
 
 
 @dataclass
