@@ -3,8 +3,10 @@ same run, through `datasets.map(num_proc=2)` with the same tokenizer and the sam
 
     .venv/bin/python benchmarks/data_throughput.py [--rows 100000] [--shards 4]
 
-Both start from the same JSONL shards and end with every row tokenized and masked (counted, not kept in the
-driver). Last line: JSON with rows/s for both and their ratio (Ray Data over datasets), and, for Ray Data, when
+Both start from the same JSONL shards and end with every row tokenized and masked (rows and tokens counted on
+the Arrow columns, not converted to Python in the driver). As in ``sft-ray train``, Ray is started, its idle
+workers are warmed (``data.warm_workers``; ``--no-warm`` skips it) and then the driver loads the tokenizer;
+both clocks start once the driver holds it. Last line: JSON with rows/s for both and their ratio (Ray Data over datasets), and, for Ray Data, when
 its first batch arrived and its rate after that (its fixed start: the executor's actors, fresh worker processes,
 the tokenizer unpickled in each).
 """
@@ -25,10 +27,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--no-warm", action="store_true", help="do not warm Ray's workers while the tokenizer loads")
     ap.add_argument("overrides", nargs="*", help="config key=value for the Ray side, e.g. data.tokenize_cpus=1")
     a = ap.parse_args()
 
     import datasets
+    import pyarrow.compute as pc
 
     from sft_ray import data, synthetic
     from sft_ray.config import load_config
@@ -41,16 +45,21 @@ def main() -> None:
     per = (len(rows) + a.shards - 1) // a.shards
     files = [str(synthetic.write_jsonl(rows[i * per:(i + 1) * per], tmp / f"part-{i}.jsonl")) for i in range(a.shards)]
     cfg = load_config(None, [f"model.name={a.model}", "data.max_length=512", *a.overrides])
+    init_ray(cfg)
+    if not a.no_warm:
+        data.warm_workers()
     tok = data._tokenizer(cfg.model)  # the tokenizer both sides use (loaded once, outside the timings)
 
+    def tokens(col) -> int:
+        return int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+
     # 1. Ray Data: the pipeline the trainers read from
-    init_ray(cfg)
     t0 = time.time()
     n_ray = tokens_ray = 0
     first: tuple[float, int] | None = None  # (seconds, rows) when the first batch arrived: Ray Data's fixed start
-    for b in data.trainable(data.tokenized(files, cfg), "error", cfg.data.tokenize_cpus).iter_batches(batch_size=4096, batch_format="numpy"):
-        n_ray += len(b["input_ids"])
-        tokens_ray += sum(len(x) for x in b["input_ids"])
+    for b in data.trainable(data.tokenized(files, cfg), "error", cfg.data.tokenize_cpus).iter_batches(batch_size=4096, batch_format="pyarrow"):
+        n_ray += b.num_rows
+        tokens_ray += tokens(b.column("input_ids"))
         first = first or (time.time() - t0, n_ray)
     ray_s = time.time() - t0
     steady = (n_ray - first[1]) / max(ray_s - first[0], 1e-9)
@@ -66,7 +75,7 @@ def main() -> None:
     d = d.map(fn, batched=True, batch_size=256, num_proc=a.num_proc, remove_columns=d.column_names,
               load_from_cache_file=False)
     n_hf = len(d)
-    tokens_hf = sum(len(x) for x in d["input_ids"])
+    tokens_hf = tokens(d.data.column("input_ids"))
     hf_s = time.time() - t0
 
     assert (n_ray, tokens_ray) == (n_hf, tokens_hf), ((n_ray, tokens_ray), (n_hf, tokens_hf))
@@ -76,7 +85,7 @@ def main() -> None:
     print(f"datasets.map(num_proc={a.num_proc})   : {hf_s:7.1f} s  {n_hf / hf_s:8.0f} rows/s")
     print(json.dumps({"ray_rows_per_s": round(n_ray / ray_s, 1), "datasets_rows_per_s": round(n_hf / hf_s, 1),
                       "ratio_ray_vs_datasets": round(hf_s / ray_s, 3), "rows": n_ray,
-                      "ray_first_batch_s": round(first[0], 1), "ray_rows_per_s_after_first_batch": round(steady, 1)}))
+                      "ray_first_batch_s": round(first[0], 1), "ray_rows_per_s_after_first_batch": round(steady, 1), "warm": not a.no_warm}))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Serve throughput: the Ray Serve endpoint at concurrency 1, 4, 8 (async openai client, non-streaming and
-streaming) against what the same model does in one process, same prompts, same max_tokens, in one run.
+"""Serve throughput: the Ray Serve endpoint at concurrency 1, 4, 8 and 16 (async openai client; non-streaming,
+streaming, and half of each) against what the same model does in one process, same prompts, same max_tokens,
+in one run.
 
-    .venv/bin/python benchmarks/serve_throughput.py [--model embedded] [--requests 96] [--max-tokens 16]
+    .venv/bin/python benchmarks/serve_throughput.py [--model embedded] [--requests 48] [--max-tokens 16]
 
 In-process baselines, greedy, 2 threads: ``generate`` one request at a time; ``generate`` on batches of 8 (what
-the hardware does when the prompts are known together, the baseline the endpoint is measured against); the
-engine's continuous batcher with 8 requests submitted together; transformers' own continuous batching
-(``generate_batch``, paged attention) on the same 8. Last line: JSON with the ratios of the endpoint's generated
-tokens/s to the in-process batch of 8, and of the continuous batcher and transformers' to it.
+the hardware does when the prompts are known together: the static-batching figure); the engine's continuous
+batcher with 8 requests submitted together; transformers' own continuous batching (``generate_batch``, paged
+attention) on the same 8. Then the endpoint (12 setups of ``--requests`` each), and the endpoint with
+``serve.continuous_batching=false`` at concurrency 8. Last line: JSON with ``ratio_c8_vs_inprocess_batched``,
+``ratio_c8_vs_inprocess_sequential`` (generated tokens/s, non-streaming), ``ratio_c8_stream_vs_nonstream``,
+every setup's ratio to the in-process batch of 8, and the error count (must be 0).
 """
 
 import argparse
@@ -35,8 +38,6 @@ def pct(values: list[float], q: float) -> float:
 
 def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads: int) -> dict:
     """The four in-process setups on the same prompts (their greedy text is compared: it must be the same)."""
-    import threading
-
     import torch
     from transformers import GenerationConfig
 
@@ -53,7 +54,7 @@ def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads
         toks = sum(r.completion_tokens for r in results)
         out[name] = {"requests": len(results), "errors": 0, "req_per_s": len(results) / wall,
                      "tokens_per_s": toks / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
-                     "ttft_p50_s": float("nan"), "texts": [r.text for r in results]}
+                     "ttft_p50_s": float("nan"), "ttft_p95_s": float("nan"), "texts": [r.text for r in results]}
 
     t0, lat, res = time.time(), [], []
     for r in reqs:
@@ -67,19 +68,11 @@ def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads
         res += static.generate(reqs[i:i + 8])
         lat += [time.time() - s] * len(reqs[i:i + 8])
     record("in_process_batch8", t0, lat, res)
-    t0, lat, res = time.time(), [], [None] * len(reqs)
+    t0, lat, res = time.time(), [], []
     for i in range(0, len(reqs), 8):
         s = time.time()
-
-        def one(j):
-            res[j] = cont.generate([reqs[j]])[0]
-            lat.append(time.time() - s)
-
-        threads_ = [threading.Thread(target=one, args=(j,)) for j in range(i, min(i + 8, len(reqs)))]
-        for t in threads_:
-            t.start()
-        for t in threads_:
-            t.join()
+        res += cont.generate(reqs[i:i + 8])  # submitted together: prefilled together, decoded as one batch
+        lat += [time.time() - s] * len(reqs[i:i + 8])
     record("in_process_continuous8", t0, lat, res)
     gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(static.eos_ids),
                           pad_token_id=static.tok.pad_token_id)
@@ -96,19 +89,20 @@ def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads
     return out, same
 
 
-async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int, stream: bool) -> dict:
+async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int, stream: str) -> dict:
+    """``stream``: "no", "yes", or "mix" (every other request streams)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
     sem = asyncio.Semaphore(conc)
     lat, ttft, toks, errors = [], [], 0, 0
 
-    async def one(c):
+    async def one(i, c):
         nonlocal toks, errors
         async with sem:
             s = time.time()
             try:
-                if not stream:
+                if stream == "no" or (stream == "mix" and i % 2 == 0):
                     r = await client.chat.completions.create(model="bench", messages=c, max_tokens=max_tokens,
                                                              temperature=0)
                     toks += r.usage.completion_tokens
@@ -129,16 +123,16 @@ async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int
                 errors += 1
 
     t0 = time.time()
-    await asyncio.gather(*[one(c) for c in convs])
+    await asyncio.gather(*[one(i, c) for i, c in enumerate(convs)])
     wall = time.time() - t0
     return {"requests": len(convs), "errors": errors, "req_per_s": len(convs) / wall, "tokens_per_s": toks / wall,
-            "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "ttft_p50_s": pct(ttft, 0.5) if stream else float("nan")}
+            "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--requests", type=int, default=96, help="per endpoint setup (6 setups)")
+    ap.add_argument("--requests", type=int, default=48, help="per endpoint setup (12 setups, plus 2 with it off)")
     ap.add_argument("--baseline-requests", type=int, default=16, help="per in-process setup (4 setups)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baselines")
@@ -155,27 +149,34 @@ def main() -> None:
     model_dir = resolve_model_path(a.model)
     convs = prompts(a.requests)
     results, same_text = in_process(model_dir, convs[: a.baseline_requests], a.max_tokens, a.cpus)
-    cfg = load_config(None, [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}"])
-    url = start(model_dir, cfg)
-    try:
-        asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, False))  # warm-up
-        for stream in (False, True):
-            for conc in (1, 4, 8):
-                key = f"endpoint_{'stream_' if stream else ''}c{conc}"
-                results[key] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, stream))
-                results[key]["max_running"] = httpx.get(f"{url}/stats").json()["most_running"]  # so far
-    finally:
-        serve.shutdown()
-    print(f"{'setup':24s} {'req':>5s} {'err':>4s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
-          f"{'ttft50':>7s} {'maxrun':>6s}")
+    base = [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}"]
+    for continuous in (True, False):
+        url = start(model_dir, load_config(None, [*base, f"serve.continuous_batching={str(continuous).lower()}"]))
+        try:
+            asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, "no"))  # warm-up
+            for stream in ("no", "yes", "mix") if continuous else ("no", "yes"):
+                for conc in (1, 4, 8, 16) if continuous else (8,):
+                    key = f"endpoint{'' if continuous else '_static'}_{dict(no='', yes='stream_', mix='mix_')[stream]}c{conc}"
+                    results[key] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, stream))
+                    results[key]["max_running"] = httpx.get(f"{url}/stats").json()["most_running"]  # so far
+        finally:
+            serve.shutdown()
+    print(f"{'setup':26s} {'req':>5s} {'err':>4s} {'req/s':>7s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} "
+          f"{'ttft50':>7s} {'ttft95':>7s} {'maxrun':>6s}")
     for k, r in results.items():
-        print(f"{k:24s} {r['requests']:5d} {r['errors']:4d} {r['req_per_s']:7.2f} {r['tokens_per_s']:7.1f} "
-              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f} {r.get('max_running', '-'):>6}")
-    base = results["in_process_batch8"]["tokens_per_s"]
-    ratio = {k: round(r["tokens_per_s"] / base, 3) for k, r in results.items()}
-    print(json.dumps({"ratio_vs_in_process_batch8": ratio, "same_greedy_text_as_sequential": same_text,
-                      "errors": sum(r["errors"] for r in results.values()), "max_tokens": a.max_tokens,
-                      "cpus": a.cpus}))
+        print(f"{k:26s} {r['requests']:5d} {r['errors']:4d} {r['req_per_s']:7.2f} {r['tokens_per_s']:7.1f} "
+              f"{r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['ttft_p50_s']:7.2f} {r['ttft_p95_s']:7.2f} "
+              f"{str(r.get('max_running', '-')):>6}")
+    tps = {k: r["tokens_per_s"] for k, r in results.items()}
+    print(json.dumps({
+        "ratio_c8_vs_inprocess_batched": round(tps["endpoint_c8"] / tps["in_process_batch8"], 3),
+        "ratio_c8_vs_inprocess_sequential": round(tps["endpoint_c8"] / tps["in_process_sequential"], 3),
+        "ratio_c8_stream_vs_nonstream": round(tps["endpoint_stream_c8"] / tps["endpoint_c8"], 3),
+        "ttft_p50_c8_stream_s": round(results["endpoint_stream_c8"]["ttft_p50_s"], 3),
+        "ratio_vs_in_process_batch8": {k: round(v / tps["in_process_batch8"], 3) for k, v in tps.items()},
+        "same_greedy_text_as_sequential": same_text, "endpoint_requests": sum(
+            r["requests"] for k, r in results.items() if k.startswith("endpoint")),
+        "errors": sum(r["errors"] for r in results.values()), "max_tokens": a.max_tokens, "cpus": a.cpus}))
 
 
 if __name__ == "__main__":

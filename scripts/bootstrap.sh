@@ -9,6 +9,18 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 STAMP=.venv/.sft-ray-installed
 WANT="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
 
+# the browser tests (tests/test_playground.py) drive Debian's chromium through chromium-driver; installed here when
+# missing and possible (root with apt-get), else they are skipped with the reason printed. Never fails the bootstrap.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing chromium + chromium-driver (apt) for the browser tests ..."
+    apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }
+    apt_install || { apt-get update -qq >/dev/null 2>&1 && apt_install; } \
+      || echo "[bootstrap] could not install chromium with apt-get: the browser tests will be skipped"
+  else
+    echo "[bootstrap] chromium/chromedriver not found and not root with apt-get: the browser tests will be skipped"
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -164,6 +164,7 @@ def cmd_data_preview(args) -> int:
     cfg = load_config(args.config, args.overrides)
     train_specs, eval_specs = resolve_data(cfg)
     init_ray(cfg)
+    data.warm_workers()
     ds = data.splits(train_specs, eval_specs, cfg)[1 if args.split == "eval" else 0]
     if ds is None:
         raise ConfigError("no eval data configured (set data.eval or data.eval_fraction)")

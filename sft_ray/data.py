@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,21 +58,31 @@ def where(source: str, row: int) -> str:
     return f"{source} {unit} {row}" if row else source
 
 
-_DRIVER_TOKENIZERS: dict[str, Any] = {}  # model config JSON -> tokenizer, in the process that builds the pipeline
-_TASK_TOKENIZER: dict[str, Any] = {}  # object ref hex -> tokenizer, in a Ray Data worker process (one at a time)
+_DRIVER_TOKENIZERS: dict[str, tuple[Any, str]] = {}  # model config JSON -> (tokenizer, digest), in the driver
+_TASK_TOKENIZER: dict[str, Any] = {}  # tokenizer digest -> tokenizer, in a Ray Data worker process (one at a time)
 
 
 def _tokenizer(model_cfg) -> Any:
     """The driver's tokenizer for ``model_cfg``, loaded once per process."""
+    return _tokenizer_and_digest(model_cfg)[0]
+
+
+def _tokenizer_and_digest(model_cfg) -> tuple[Any, str]:
+    """The tokenizer and a digest of its pickled state: workers keep one unpickled tokenizer per digest, so
+    the validation pass, the training stream and the eval split of a run unpickle it once per process, and a
+    tokenizer that changed on disk under the same config is never mistaken for the old one."""
+    import pickle
+
     from sft_ray.modeling import load_tokenizer
 
     key = model_cfg.model_dump_json()
     if key not in _DRIVER_TOKENIZERS:
-        _DRIVER_TOKENIZERS[key] = load_tokenizer(model_cfg)
+        tok = load_tokenizer(model_cfg)
+        _DRIVER_TOKENIZERS[key] = (tok, hashlib.blake2b(pickle.dumps(tok), digest_size=16).hexdigest())
     return _DRIVER_TOKENIZERS[key]
 
 
-def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) -> dict[str, list]:
+def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, tok_digest: str, data_cfg: dict) -> dict[str, list]:
     """Ray Data task. The tokenizer arrives pickled through the object store and is kept per worker process:
     unpickling takes ~1 s and no torch, where loading it with transformers' Auto classes takes ~6 s of
     imports in every fresh process."""
@@ -79,11 +90,35 @@ def _tokenize_task(batch: dict[str, np.ndarray], tok_ref: list, data_cfg: dict) 
 
     from sft_ray.config import DataConfig
 
-    key = tok_ref[0].hex()
-    if key not in _TASK_TOKENIZER:
+    if tok_digest not in _TASK_TOKENIZER:
         _TASK_TOKENIZER.clear()
-        _TASK_TOKENIZER[key] = ray.get(tok_ref[0])
-    return tokenize_batch(batch, _TASK_TOKENIZER[key], DataConfig.model_validate(data_cfg))
+        _TASK_TOKENIZER[tok_digest] = ray.get(tok_ref[0])
+    return tokenize_batch(batch, _TASK_TOKENIZER[tok_digest], DataConfig.model_validate(data_cfg))
+
+
+def _warm() -> int:
+    """What a tokenizer task imports before its first row (~3 s of CPU in a fresh worker process)."""
+    import ray.data  # noqa: F401
+    import transformers.tokenization_utils_tokenizers  # noqa: F401  (unpickling the tokenizer needs it)
+    import transformers.utils.chat_template_utils  # noqa: F401
+
+    import sft_ray.template  # noqa: F401
+
+    return os.getpid()
+
+
+def warm_workers(limit: int = 64) -> list:
+    """Start importing the pipeline's modules in idle worker processes, one task per CPU, without waiting.
+
+    A fresh worker spends ~3 s importing Ray Data, transformers' tokenizer classes and the template code before
+    its first row, and on a small machine those imports, not the rows, are most of the time to the first
+    batch. Called right after Ray starts, the imports overlap with what the driver does before its data
+    (checks, loading the tokenizer); Ray hands the warmed processes to the pipeline's tasks."""
+    import ray
+
+    n = max(1, min(limit, int(ray.cluster_resources().get("CPU", 1))))
+    warm = ray.remote(num_cpus=1, max_retries=0)(_warm)
+    return [warm.remote() for _ in range(n)]
 
 
 def parse_record(record: str, data) -> Example:
@@ -172,6 +207,7 @@ def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[flo
     cpus = cfg.data.tokenize_cpus if num_cpus is None else num_cpus
     if split == "eval":
         weights = None
+    tok, digest = _tokenizer_and_digest(cfg.model)
     ds = sources.read(specs, weights, num_cpus=min(cpus, 0.25))
     if split is not None:
         frac, seed = cfg.data.eval_fraction, cfg.seed
@@ -179,7 +215,7 @@ def tokenized(specs: list[str], cfg, split: str | None = None, weights: list[flo
         ds = ds.filter(lambda r: in_eval_split(r["source"], r["row"], seed, frac) == want_eval)
     ds = ds.map_batches(
         _tokenize_task,  # the ref is wrapped in a list so that Ray passes it on instead of resolving it per task
-        fn_kwargs={"tok_ref": [ray.put(_tokenizer(cfg.model))], "data_cfg": cfg.data.model_dump()},
+        fn_kwargs={"tok_ref": [ray.put(tok)], "tok_digest": digest, "data_cfg": cfg.data.model_dump()},
         batch_size=256,
         num_cpus=cpus,
     )

@@ -171,6 +171,9 @@ def run(cfg: Config) -> dict[str, Any]:
         say(note)
     train_specs, eval_specs = resolve_data(cfg)
     init_ray(cfg)
+    from sft_ray import data
+
+    data.warm_workers()  # idle workers import the pipeline's code while the checks below and the tokenizer load run
 
     # checks that need no data: the cluster can place the workers, storage is shared
     on_gpu = cluster.use_gpu(cfg)

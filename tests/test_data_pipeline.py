@@ -214,3 +214,30 @@ def test_length_percentiles_are_exact_and_never_above_the_longest_row():
         counts = {rng.randint(1, 60): rng.randint(1, 5) for _ in range(rng.randint(1, 20))}
         p = percentiles(counts)
         assert p["p50"] <= p["p90"] <= p["p99"] <= max(counts) and all(v in counts for v in p.values())
+
+
+def test_warmed_workers_run_the_tokenizer_tasks_and_a_tokenizer_is_unpickled_once_per_process(tmp_path, tiny_model_dir):
+    """``data.warm_workers`` imports the pipeline's code in idle workers, and the pipeline's tasks then run in
+    those processes; a second pipeline over the same tokenizer (the training stream after the validation pass)
+    finds it already unpickled there, under the same digest."""
+    import os
+
+    import ray
+
+    from sft_ray import data
+
+    warmed = set(ray.get(data.warm_workers()))
+    assert warmed and os.getpid() not in warmed
+    f = _write_jsonl(tmp_path / "a.jsonl", [json.dumps(GOOD)] * 40)
+    cfg = _cfg(tiny_model_dir)
+    digest = data._tokenizer_and_digest(cfg.model)[1]
+
+    def where(batch):
+        return {"pid": [os.getpid()] * len(batch["row"]),
+                "cached": [list(data._TASK_TOKENIZER) == [digest]] * len(batch["row"])}
+
+    first = tokenized([str(f)], cfg).map_batches(where, num_cpus=cfg.data.tokenize_cpus).take_all()
+    assert {r["pid"] for r in first} & warmed
+    again = tokenized([str(f)], cfg).map_batches(where, num_cpus=cfg.data.tokenize_cpus).take_all()
+    assert all(r["cached"] for r in again)
+    assert data._tokenizer_and_digest(cfg.model)[1] == digest

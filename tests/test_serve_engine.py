@@ -89,6 +89,33 @@ def test_requests_join_the_running_batch_and_leave_it_with_generates_answers(eng
         assert a.text == _alone_greedy(engine, r.input_ids, r.max_tokens)
 
 
+def test_requests_arriving_together_are_prefilled_together(engine):
+    """Prompts of different lengths sent at once share prefill forwards (left-padded, positions from each prompt's
+    own start) and still end with exactly ``generate``'s greedy tokens."""
+    prompts = ["hi", "What is 2+2?", "Name a colour.", "Count to three, please.", "Say yes.", "Tell me about owls."]
+    reqs = [_req(engine, p, max_tokens=9) for p in prompts]
+    forwards, rows = engine.batcher.prefills, engine.batcher.prefilled
+    out = engine.generate(reqs)
+    assert engine.batcher.prefilled - rows == len(reqs)
+    assert engine.batcher.prefills - forwards < len(reqs)
+    for r, o in zip(reqs, out):
+        assert o.text == _alone_greedy(engine, r.input_ids, r.max_tokens)
+
+
+def test_prefill_groups_bound_the_padding():
+    from types import SimpleNamespace
+
+    from sft_ray.serve.batcher import ContinuousBatcher
+
+    def h(n):
+        return SimpleNamespace(req=SimpleNamespace(input_ids=[0] * n))
+
+    groups = ContinuousBatcher._groups([h(n) for n in (100, 10, 11, 12, 98, 300)])
+    assert [[len(x.req.input_ids) for x in g] for g in groups] == [[10, 11, 12], [98, 100], [300]]
+    for g in groups:  # padded area within 1.25x of the real tokens
+        assert len(g) * max(len(x.req.input_ids) for x in g) <= 1.25 * sum(len(x.req.input_ids) for x in g)
+
+
 def test_a_cancelled_stream_leaves_at_once_and_the_rest_go_on(engine):
     cancelled = threading.Event()
     streamer, handle, result = engine.stream(_req(engine, "Tell me a long story.", max_tokens=200), cancelled)

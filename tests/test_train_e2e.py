@@ -26,7 +26,7 @@ def _train(tmp_path, tiny_model_dir, stage, *extra):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
+def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage, request):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +88,11 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage):
             assert "Calculate 1+1-1" in text and "loss.png" in text and "exact_match" in text
         with Image.open(ev / "loss.png") as im:
             assert im.size == (800, 450) and im.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+        # and report.html renders in headless Chromium: the score table, the loss plot (without a browser the reason
+        # is printed and the test goes on; a screenshot lands beside the run)
+        from test_playground import report_in_browser
+
+        report_in_browser(ev / "report.html", tmp_path / "report.png", request.config)
         # the model folder is a Hub repository: its card parses and holds metrics.json's figures
         from test_model_card import _row, assert_card_matches
 

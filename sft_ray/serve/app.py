@@ -1,26 +1,32 @@
 """The HTTP app of a Serve replica: routes, authentication, request limits, dynamic batching and streams.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
-Non-streaming requests are batched dynamically (``@serve.batch``) and generated together with left padding;
-streaming requests are generated token by token (Server-Sent Events) and stop as soon as the client goes
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /v1/stats``, and ``GET /``: the playground, a chat page (``playground.html``, plain HTML and JavaScript,
+nothing fetched from elsewhere) that streams from ``/v1/chat/completions`` with the key typed into it.
+With ``serve.continuous_batching`` (default) every request, streaming or not, joins the engine's running batch
+(``batcher.py``); without it, non-streaming requests are batched dynamically (``@serve.batch``) and streams
+are generated one ``generate`` each. Streams stop as soon as the client goes
 away. Bad requests get an OpenAI-style error body and a 4xx (``protocol.py``); the replica keeps serving.
 """
 
 # no `from __future__ import annotations`: Serve's FastAPI class views need real annotation objects
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from sft_ray.serve.engine import Engine, GenRequest, GenResult
@@ -30,6 +36,24 @@ from sft_ray.serve.protocol import (APIError, ChatRequest, CompletionRequest, _C
 log = logging.getLogger("sft_ray.serve")
 
 app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None)
+
+
+def _playground() -> tuple[str, dict[str, str]]:
+    """The playground page and its headers: a Content-Security-Policy that lets the page run its own inline
+    script and style (by their hashes) and talk to this server only."""
+    page = (Path(__file__).parent / "playground.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+PLAYGROUND, PLAYGROUND_HEADERS = _playground()
 
 
 @app.exception_handler(APIError)
@@ -226,6 +250,11 @@ class OpenAIServer:
 
     # -- routes
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        """The playground page. No key needed: it holds no secret, and its API calls send the key typed into it."""
+        return HTMLResponse(PLAYGROUND, headers=PLAYGROUND_HEADERS)
+
     @app.get("/health")
     async def health(self) -> dict:
         """For load balancers and probes: the replica is up, nothing more (no key needed, nothing to learn)."""
@@ -239,7 +268,8 @@ class OpenAIServer:
         return {"active_streams": self.active_streams, "cancelled_streams": self.cancelled_streams,
                 "batches": self.batches, "batched_requests": self.batched_requests,
                 "continuous_batching": b is not None, "running": b.running if b else None,
-                "most_running": b.most_running if b else None}
+                "most_running": b.most_running if b else None,
+                "prefill_forwards": b.prefills if b else None, "prefilled_requests": b.prefilled if b else None}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

@@ -1,8 +1,8 @@
 """Continuous batching: every request, streaming or not, joins one running batch at a token boundary and leaves
 it when it ends, is cancelled, or its client goes.
 
-One thread owns the model. Each step it prefills the requests that arrived (one forward each, the first token
-chosen), merges their KV caches into the running batch's (left padding), and decodes one token for every running
+One thread owns the model. Each step it prefills the requests that arrived (one forward for those of similar
+length, left-padded; each row's first token chosen), merges their KV caches into the running batch's (left padding), and decodes one token for every running
 request with one forward. Tokens are chosen by ``engine._RowSampler`` rules: greedy rows take the argmax, sampling
 rows draw from their own generator. Padding columns that no row needs any more are trimmed as requests leave.
 
@@ -70,9 +70,10 @@ class ContinuousBatcher:
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no vocab logits per prompt token
-        self.inbox: queue.Queue[Handle] = queue.Queue()
+        self.inbox: queue.Queue[list[Handle]] = queue.Queue()  # requests submitted together arrive together
         self.running = 0  # requests in the batch now (read by the app's metrics)
         self.most_running = 0  # the most requests decoded together so far
+        self.prefills = self.prefilled = 0  # prefill forwards, and the requests they held
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -91,35 +92,45 @@ class ContinuousBatcher:
     def submit(self, req, cancelled: threading.Event | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         h = Handle(req, cancelled or threading.Event(), loop)
-        self.inbox.put(h)
+        self.inbox.put([h])
         return h
+
+    def submit_many(self, reqs) -> list[Handle]:
+        """Requests that are prefilled together (as far as their lengths allow)."""
+        hs = [Handle(r, threading.Event()) for r in reqs]
+        self.inbox.put(hs)
+        return hs
 
     # -- the loop (one thread owns the model)
 
     def _loop(self) -> None:
         torch = self.torch
         rows: list[_Row] = []
+        pending: list[Handle] = []  # arrived, waiting for room in the batch
         cache = mask = None
         while True:
-            waiting = []
             try:
-                waiting.append(self.inbox.get(timeout=None if not rows else 0))
-                while len(rows) + len(waiting) < self.max_batch:
-                    waiting.append(self.inbox.get_nowait())
+                if not pending and not rows:
+                    pending += self.inbox.get()
+                while True:
+                    pending += self.inbox.get_nowait()
             except queue.Empty:
                 pass
+            room = self.max_batch - len(rows)
+            waiting, pending = pending[:room], pending[room:]
             try:
                 with torch.inference_mode():
+                    live = []
                     for h in waiting:
                         if h.cancelled.is_set():
                             self._end(_Row(h, None), None)
-                            continue
-                        row, row_cache = self._prefill(h)
-                        if self._finished(row):
-                            self._end(row, None)
-                            continue
-                        cache, mask = self._merge(cache, mask, row_cache, len(h.req.input_ids))
-                        rows.append(row)
+                        else:
+                            live.append(h)
+                    for group in self._groups(live):
+                        new_cache, new_mask, new_rows = self._drop_finished(*self._prefill(group))
+                        if new_rows:
+                            cache, mask = self._merge(cache, mask, new_cache, new_mask)
+                            rows += new_rows
                     if rows:
                         self.most_running = max(self.most_running, len(rows))
                         cache, mask, rows = self._step(rows, cache, mask)
@@ -132,19 +143,46 @@ class ContinuousBatcher:
                 rows, cache, mask = [], None, None
             self.running = len(rows)
 
-    def _prefill(self, h: Handle):
+    @staticmethod
+    def _groups(handles: list[Handle], waste: float = 1.25) -> list[list[Handle]]:
+        """Requests that arrived together, prefilled together: sorted by prompt length and cut where left
+        padding would make a group's forward more than ``waste`` times its real tokens."""
+        groups: list[list[Handle]] = []
+        real = 0
+        for h in sorted(handles, key=lambda h: len(h.req.input_ids)):
+            n = len(h.req.input_ids)
+            if groups and (len(groups[-1]) + 1) * n <= waste * (real + n):
+                groups[-1].append(h)
+                real += n
+            else:
+                groups.append([h])
+                real = n
+        return groups
+
+    def _prefill(self, group: list[Handle]):
+        """One forward over the prompts of ``group`` (left-padded, positions counted from each prompt's first
+        token, as ``generate`` does); each row's first token chosen from its last position's logits."""
         from transformers import DynamicCache
 
         from sft_ray.serve.engine import _RowSampler
 
         torch = self.torch
-        row = _Row(h, _RowSampler([h.req], self.device, torch))
-        ids = torch.tensor([h.req.input_ids], device=self.device)
+        width = max(len(h.req.input_ids) for h in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        for i, h in enumerate(group):
+            n = len(h.req.input_ids)
+            ids[i, width - n:] = torch.tensor(h.req.input_ids, device=self.device)
+            mask[i, width - n:] = 1
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **self.last_only,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.last_only,
                          **{self.cache_kw: cache})
-        self._take(row, self._choose([row], out.logits[:, -1, :])[0])
-        return row, cache
+        self.prefills, self.prefilled = self.prefills + 1, self.prefilled + len(group)
+        rows = [_Row(h, _RowSampler([h.req], self.device, torch)) for h in group]
+        for r, tok in zip(rows, self._choose(rows, out.logits[:, -1, :])):
+            self._take(r, tok)
+        return cache, mask, rows
 
     def _step(self, rows: list[_Row], cache, mask):
         torch = self.torch
@@ -156,6 +194,10 @@ class ContinuousBatcher:
         for r, tok in zip(rows, self._choose(rows, out.logits[:, -1, :])):
             r.pos += 1
             self._take(r, tok)
+        return self._drop_finished(cache, mask, rows)
+
+    def _drop_finished(self, cache, mask, rows: list[_Row]):
+        """End the rows that are done and take them out of the cache, trimming padding no row needs any more."""
         finished = [self._finished(r) for r in rows]  # once: a cancel may land at any moment
         keep = [i for i, done in enumerate(finished) if not done]
         for r, done in zip(rows, finished):
@@ -165,7 +207,7 @@ class ContinuousBatcher:
             return cache, mask, rows
         if not keep:
             return None, None, []
-        index = torch.tensor(keep, device=self.device)
+        index = self.torch.tensor(keep, device=self.device)
         mask = mask.index_select(0, index)
         first = int(mask.any(dim=0).nonzero()[0])  # leading columns that are padding in every row left
         mask = mask[:, first:]
@@ -174,11 +216,10 @@ class ContinuousBatcher:
             layer.values = layer.values.index_select(0, index)[:, :, first:]
         return cache, mask, [rows[i] for i in keep]
 
-    def _merge(self, cache, mask, new, prompt_len: int):
-        """The running batch's cache plus one prefilled request's (its prompt; the token it chose is fed in by the
-        next step)."""
+    def _merge(self, cache, mask, new, new_mask):
+        """The running batch's cache plus newly prefilled requests' (their prompts; the token each chose is fed in
+        by the next step), both left-padded to one width."""
         torch = self.torch
-        new_mask = torch.ones((1, prompt_len), dtype=torch.long, device=self.device)
         if cache is None:
             return new, new_mask
         width = max(mask.shape[1], new_mask.shape[1])

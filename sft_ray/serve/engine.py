@@ -131,7 +131,7 @@ class Engine:
     def generate(self, reqs: list[GenRequest]) -> list[GenResult]:
         """Answers for several requests: through the running batch, or one left-padded ``generate`` call."""
         if self.batcher is not None:
-            handles = [self.batcher.submit(r) for r in reqs]
+            handles = self.batcher.submit_many(reqs)
             for h in handles:
                 h.join()
                 if "error" in h.result:
