@@ -6,9 +6,9 @@ same run, through `datasets.map(num_proc=2)` with the same tokenizer and the sam
 Both start from the same JSONL shards and end with every row tokenized and masked (rows and tokens counted on
 the Arrow columns, not converted to Python in the driver). As in ``sft-ray train``, Ray is started, its idle
 workers are warmed (``data.warm_workers``; ``--no-warm`` skips it) and then the driver loads the tokenizer;
-both clocks start once the driver holds it. Last line: JSON with rows/s for both and their ratio (Ray Data over datasets), and, for Ray Data, when
-its first batch arrived and its rate after that (its fixed start: the executor's actors, fresh worker processes,
-the tokenizer unpickled in each).
+both clocks start once the driver holds it. Last line: JSON with rows/s for both and their ratio (Ray Data
+over datasets), and, for Ray Data, when its first batch arrived and its rate after that (its fixed start: the
+executor's actors, fresh worker processes, the tokenizer unpickled in each).
 """
 
 import argparse
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"datasets.map(num_proc={a.num_proc})   : {hf_s:7.1f} s  {n_hf / hf_s:8.0f} rows/s")
     print(json.dumps({"ray_rows_per_s": round(n_ray / ray_s, 1), "datasets_rows_per_s": round(n_hf / hf_s, 1),
                       "ratio_ray_vs_datasets": round(hf_s / ray_s, 3), "rows": n_ray,
-                      "ray_first_batch_s": round(first[0], 1), "ray_rows_per_s_after_first_batch": round(steady, 1), "warm": not a.no_warm}))
+                      "ray_first_batch_s": round(first[0], 1), "ray_rows_per_s_after_first_batch": round(steady, 1),
+                      "warm": not a.no_warm}))
 
 
 if __name__ == "__main__":

@@ -110,10 +110,10 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
 
         from sft_ray.config import ConfigError
 
-        if ray.cluster_resources().get("GPU", 0) < max(sc.gpus_per_replica, 1):
-            raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has "
-                              f"{ray.cluster_resources().get('GPU', 0):g} GPUs. Use serve.backend=transformers "
-                              "(CPU or GPU) or serve on a GPU cluster")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < max(sc.gpus_per_replica, 1):
+            raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has {gpus:g} GPUs. "
+                              "Use serve.backend=transformers (CPU or GPU) or serve on a GPU cluster")
     serve.start(http_options={"host": sc.host, "port": sc.port})
     if sc.backend == "vllm":
         if sc.api_key_env:
