@@ -63,6 +63,9 @@ def main() -> None:
         first = first or (time.time() - t0, n_ray)
     ray_s = time.time() - t0
     steady = (n_ray - first[1]) / max(ray_s - first[0], 1e-9)
+    import ray
+
+    ray.shutdown()  # datasets.map runs as its users run it: without Ray's processes beside it
 
     # 2. datasets.map(num_proc) with the same function (rows normalised, then rendered, tokenized and masked
     # in a batch, as the Ray pipeline's tasks do)

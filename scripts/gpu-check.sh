@@ -35,13 +35,16 @@ echo "== 2. serve: vLLM backend, openai client =="
 if ! $PY -c "import vllm" 2>/dev/null; then
   .venv/bin/pip install -q "vllm>=0.10" || { echo "vLLM could not be installed here: step 2 not run"; exit 1; }
 fi
-.venv/bin/sft-ray serve "$OUT/train/model" serve.backend=vllm serve.gpus_per_replica=1 --port 8123 > "$OUT.serve.log" 2>&1 &
+export SFT_RAY_GPU_CHECK_KEY="sk-gpu-check-$RANDOM$RANDOM"
+.venv/bin/sft-ray serve "$OUT/train/model" serve.backend=vllm serve.gpus_per_replica=1 --port 8123 \
+  --api-key-env SFT_RAY_GPU_CHECK_KEY serve.max_tokens_limit=64 serve.max_body_bytes=20000 > "$OUT.serve.log" 2>&1 &
 SERVE=$!
 trap 'kill $SERVE 2>/dev/null || true; .venv/bin/ray stop --force >/dev/null 2>&1 || true' EXIT
 $PY - <<'PY'
-import time, json
+import json, os, time
+import httpx
 from openai import OpenAI
-client = OpenAI(base_url="http://127.0.0.1:8123/v1", api_key="unused")
+client = OpenAI(base_url="http://127.0.0.1:8123/v1", api_key=os.environ["SFT_RAY_GPU_CHECK_KEY"])
 for _ in range(600):
     try:
         models = client.models.list().data
@@ -51,6 +54,15 @@ for _ in range(600):
 else:
     raise SystemExit("the vLLM endpoint did not come up in 20 minutes (see the serve log)")
 name = models[0].id
+# the guard in front of ray.serve.llm's ingress: key, max_tokens limit, chunked body limit
+url = "http://127.0.0.1:8123/v1/chat/completions"
+body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+assert httpx.post(url, json=body).status_code == 401, "vLLM app answered without the key"
+auth = {"Authorization": f"Bearer {os.environ['SFT_RAY_GPU_CHECK_KEY']}"}
+r = httpx.post(url, json={**body, "max_tokens": 1000}, headers=auth)
+assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large", r.text
+r = httpx.post(url, content=(b"x" * 1000 for _ in range(30)), headers={**auth, "Content-Type": "application/json"})
+assert r.status_code == 413, r.text
 t0 = time.time()
 r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Calculate 1+1-1"}], max_tokens=32)
 first = time.time() - t0

@@ -123,18 +123,68 @@ def _contexts(msgs: list[dict[str, Any]], i: int):
     yield [_without_reasoning(m) if m["role"] == "assistant" else m for m in msgs[:i]]
 
 
+# final-turn starts read off the whole text: calls, (template, kwargs) checked against rendering, and turned off
+_LAST: dict[str, Any] = {"calls": 0, "checked": set(), "off": set()}
+
+
+def _read_final_turn_start(tok, msgs, i: int, full: str, kwargs) -> tuple[int | None, tuple]:
+    """Where the conversation's final assistant turn starts, read off the whole text instead of rendering the
+    conversation before it: its plain content ends the whole text, followed only by the template's end-of-turn
+    text, and the generation prompt comes right before it. None (and the template's key): not applicable
+    (another turn, reasoning, tool calls, empty content) or not found so."""
+    m = msgs[i]
+    key = (tok.chat_template, repr(sorted((k, v) for k, v in kwargs.items() if k != "tools")))
+    if (i != len(msgs) - 1 or not m.get("content") or m.get("tool_calls") or m.get("reasoning_content")
+            or THINK_CLOSE in m["content"] or key in _LAST["off"]):
+        return None, key
+    gen, eot = _probe_turn(tok, kwargs)
+    body = full.rstrip()
+    if not gen or not eot or not body.endswith(m["content"] + eot):
+        return None, key
+    start = len(body) - len(eot) - len(m["content"])
+    return (start if full[:start].endswith(gen) else None), key
+
+
+def _rendered_turn_start(tok, msgs, i: int, full: str, kwargs) -> int:
+    """Where assistant turn ``i > 0`` starts: the end of the conversation before it, rendered with the generation
+    prompt, as the whole text has it."""
+    for ctx in _contexts(msgs, i):
+        before = render(tok, ctx, add_generation_prompt=True, **kwargs)
+        if full.startswith(before):
+            return len(before)
+        base = render(tok, ctx, **kwargs)
+        if full.startswith(base):  # a generation prompt the turn lacks (enable_thinking=false's empty block)
+            return len(base) + len(os.path.commonprefix([before[len(base):], full[len(base):]]))
+    raise RowError(
+        f"the chat template does not render this conversation turn by turn (the text before assistant turn {i} "
+        "is not a prefix of the whole), so its assistant turns cannot be masked; set data.loss_on=last_assistant")
+
+
 def _turn_start(tok, msgs, i: int, full: str, kwargs) -> int:
+    """Where assistant turn ``i``'s trained text starts. A final turn is read off the whole text where it can be
+    (``_read_final_turn_start``: a single-turn row then costs one render, not two); the first such row of each
+    template, and one in ``CHECK_EVERY`` after it, is also rendered turn by turn, and a difference turns the
+    reading off for that template."""
     if i > 0:
-        for ctx in _contexts(msgs, i):
-            before = render(tok, ctx, add_generation_prompt=True, **kwargs)
-            if full.startswith(before):
-                return len(before)
-            base = render(tok, ctx, **kwargs)
-            if full.startswith(base):  # a generation prompt the turn lacks (enable_thinking=false's empty block)
-                return len(base) + len(os.path.commonprefix([before[len(base):], full[len(base):]]))
-        raise RowError(
-            f"the chat template does not render this conversation turn by turn (the text before assistant turn {i} "
-            "is not a prefix of the whole), so its assistant turns cannot be masked; set data.loss_on=last_assistant")
+        fast, key = _read_final_turn_start(tok, msgs, i, full, kwargs)
+        if fast is None:
+            return _rendered_turn_start(tok, msgs, i, full, kwargs)
+        _LAST["calls"] += 1
+        if _LAST["calls"] % CHECK_EVERY != 1 and key in _LAST["checked"]:
+            return fast
+        _LAST["checked"].add(key)
+        try:
+            slow = _rendered_turn_start(tok, msgs, i, full, kwargs)
+        except RowError:
+            slow = None
+        if slow != fast:
+            import logging
+
+            logging.getLogger(__name__).warning("the final assistant turn's start read off the whole text differs "
+                                                "from rendering turn by turn; rendering turn by turn for this template")
+            _LAST["off"].add(key)
+            return _rendered_turn_start(tok, msgs, i, full, kwargs)
+        return fast
     gen = _probe_turn(tok, kwargs)[0]
     pos = full.find(gen) if gen else -1  # a conversation that opens with the assistant
     if pos < 0:

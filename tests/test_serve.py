@@ -188,7 +188,9 @@ def test_auth(server):
          400, "invalid_json"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_value"),
         # what this backend does not do is refused by name, not accepted and ignored
-        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+         400, "invalid_value"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [
             {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "unsupported_parameter"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
@@ -243,10 +245,66 @@ def test_stream_usage_and_text_parts(server):
     assert plain.choices[0].message.content == full.choices[0].message.content
 
 
-@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"),
-                                          ({"logprobs": 2}, "logprobs")])
+@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix")])
 def test_completion_options_this_backend_lacks_are_refused(server, extra, param):
     r = httpx.post(f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "tiny", "prompt": "Once", "max_tokens": 2, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "unsupported_parameter" and r.json()["error"]["param"] == param
+
+
+def _greedy_ids(tok, model, ids, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _model_logprobs(model, ids, generated):
+    """The model's own log-probabilities of each generated token and the distribution it was drawn from."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_are_the_models_own(server, local_model):
+    """Chat logprobs/top_logprobs and completions' logprobs, streamed and not, equal the model's log-softmax at
+    each generated token; greedy tokens are their own most likely alternative; the tokens spell the text."""
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens and entries
+    ids = _chat_ids(tok, messages)
+    generated = _greedy_ids(tok, model, ids, 10)[:len(entries)]
+    expected = _model_logprobs(model, ids, generated)
+    for k, e in enumerate(entries):
+        assert e.token == tok.decode([generated[k]]), (k, e.token)
+        assert abs(e.logprob - float(expected[k, generated[k]])) < 1e-3, (k, e.logprob)
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the argmax
+        assert [round(t.logprob, 4) for t in e.top_logprobs] == \
+            [round(float(v), 4) for v in torch.topk(expected[k], 3).values]
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token or "\ufffd" in e.token
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8") == r.choices[0].message.content
+    # the same entries arrive in pieces with the stream
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    # without logprobs asked, none are sent
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=3).choices[0].logprobs is None
+
+    prompt = "The weather today"
+    c = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == c.usage.completion_tokens
+    assert lp.text_offset[0] == len(prompt) and all(len(t) == 2 for t in lp.top_logprobs)
+    pids = tok(prompt)["input_ids"]
+    expected = _model_logprobs(model, pids, _greedy_ids(tok, model, pids, 8)[:len(lp.tokens)])
+    assert max(abs(a - float(b)) for a, b in zip(lp.token_logprobs, expected.max(dim=-1).values)) < 1e-3
+    r6 = httpx.post(f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": "tiny", "prompt": "Once", "max_tokens": 2, "logprobs": 6})
+    assert r6.status_code == 400 and r6.json()["error"]["param"] == "logprobs"

@@ -152,3 +152,25 @@ def test_sliding_window_caches_are_not_merged():
                                                 sliding_window=window))
 
     assert (ContinuousBatcher.supports(tiny(16)), ContinuousBatcher.supports(tiny(None))) == (False, True)
+
+
+def test_logprobs_agree_between_the_running_batch_and_generate(engine, tiny_model_dir):
+    """The continuous batcher's log-probabilities (padded batch, merged caches) equal ``generate``'s
+    ``output_logits`` path with batching off, for a greedy and a sampling row, cut where the answer is cut."""
+    def reqs():
+        a = _req(engine, "Count to three, please, slowly.", max_tokens=10)
+        b = _req(engine, "hi", temperature=1.0, seed=5, max_tokens=10)
+        a.logprobs, b.logprobs = 2, 0
+        c = _req(engine, "What is 2+2?", max_tokens=10)  # asks for none
+        c.stop = ("\n",)
+        return [a, b, c]
+
+    off = Engine(str(tiny_model_dir), continuous=False)
+    got, want = engine.generate(reqs()), off.generate(reqs())
+    assert got[2].logprobs is None and want[2].logprobs is None
+    for g, w in zip(got[:2], want[:2]):
+        assert g.text == w.text and len(g.logprobs) == g.completion_tokens == len(w.logprobs)
+        for (gt, glp, galts), (wt, wlp, walts) in zip(g.logprobs, w.logprobs):
+            assert gt == wt and abs(glp - wlp) < 1e-3 and [t for t, _ in galts] == [t for t, _ in walts]
+    assert all(len(alts) == 2 and alts[0][0] == t for t, _, alts in got[0].logprobs)  # greedy: its own best
+    assert all(alts == [] and lp <= 0 for _, lp, alts in got[1].logprobs)

@@ -15,7 +15,7 @@ import pytest
 
 from sft_ray.formats import RowError, to_example
 from sft_ray.modeling import CHATML_TEMPLATE
-from sft_ray.template import IGNORE_INDEX, render, tokenize_example, trained_text
+from sft_ray.template import IGNORE_INDEX, render, tokenize_example, tokenize_examples, trained_text
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -220,3 +220,50 @@ def test_direct_rendering_falls_back_when_it_would_differ(smol_tok):
     assert odd.chat_template in template._DIRECT["off"]
     assert template._render_direct(odd, msgs, False, {}) is None
     assert render(odd, msgs[:1], add_generation_prompt=True).startswith("PREFIX ")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2_5", "llama3_1", "chatml", "smollm2"])
+def test_the_final_turn_read_off_the_whole_text_equals_rendering_turn_by_turn(toks, name, monkeypatch):
+    """A final assistant turn's start is read off the whole text (one render per single-turn row instead of two);
+    the labels must be exactly those of rendering turn by turn, on every template and conversation shape."""
+    from sft_ray import template
+
+    tok = toks[name]
+    rows = [{"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 😀"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                          {"role": "assistant", "content": "It is 6.\n"}]},
+            _row(reasoning=False), _row(reasoning=True)]
+    kws = [{}] + ([{"enable_thinking": False}] if name == "qwen3" else [])
+    examples = [to_example(r) for r in rows]
+
+    def labels(fast: bool):
+        if not fast:
+            monkeypatch.setattr(template, "_read_final_turn_start", lambda *a, **k: (None, None))
+        out = [tokenize_examples(examples, tok, 1024, template_kwargs=kw) for kw in kws]
+        monkeypatch.undo()
+        return [[r if isinstance(r, Exception) else (r["input_ids"], r["labels"]) for r in o] for o in out]
+
+    calls = template._LAST["calls"]
+    fast, slow = labels(True), labels(False)
+    assert [[str(x) if isinstance(x, Exception) else x for x in o] for o in fast] == \
+        [[str(x) if isinstance(x, Exception) else x for x in o] for o in slow]
+    if name in ("chatml", "smollm2", "qwen2_5"):
+        assert template._LAST["calls"] > calls  # the final turns were read off the text
+
+
+def test_a_template_that_fools_the_final_turn_reading_is_caught(smol_tok):
+    """A template whose assistant turns repeat the generation prompt ("A: A: ...") makes the final turn look as if
+    it started later than it does; the first row's check renders turn by turn, finds the difference and turns
+    the shortcut off for that template."""
+    from sft_ray import template
+
+    tok = copy.deepcopy(smol_tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}U: {{ m.content }}\n{% else %}"
+                         "A: A: {{ m.content }}<eot>\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+    out = tokenize_examples([to_example({"messages": [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "hello"}]})], tok, 64)[0]
+    # the second "A: " and the answer (the token that holds the first one's space is " A")
+    assert [t.strip() for t in trained_text(tok, out["input_ids"], out["labels"])] == ["A: hello<eot>"]
+    assert any(k[0] == tok.chat_template for k in template._LAST["off"])

@@ -14,7 +14,6 @@ away. Bad requests get an OpenAI-style error body and a 4xx (``protocol.py``); t
 import asyncio
 import base64
 import hashlib
-import hmac
 import logging
 import re
 import threading
@@ -30,8 +29,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from sft_ray.serve.engine import Engine, GenRequest, GenResult
-from sft_ray.serve.protocol import (APIError, ChatRequest, CompletionRequest, _Common, error_body, parse_body, sse,
-                                    sse_usage, unsupported, usage)
+from sft_ray.serve.guard import bearer_ok, check_max_tokens, too_large, unauthorized
+from sft_ray.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice,
+                                    ChatCompletion, ChatRequest, Completion, CompletionChoice, CompletionChunk,
+                                    CompletionRequest, Delta, Model, ModelList, PieceChoice, _Common, chat_logprobs,
+                                    completion_logprobs, error_body, parse_body, sse, unsupported, usage)
 
 log = logging.getLogger("sft_ray.serve")
 
@@ -113,27 +115,21 @@ class OpenAIServer:
     # -- helpers
 
     def _check_auth(self, request: Request) -> None:
-        if not self.s.api_key_sha256:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        digest = hashlib.sha256(given.encode()).hexdigest()
-        if not given or not hmac.compare_digest(digest, self.s.api_key_sha256):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_api_key")
+        if not bearer_ok(request.headers.get("authorization", ""), self.s.api_key_sha256):
+            raise unauthorized()
 
     async def _body(self, request: Request, schema):
         """The body read chunk by chunk and cut off at ``max_body_bytes`` (a chunked request has no
         Content-Length to check first), then parsed and validated (``protocol.parse_body``)."""
         limit = self.s.max_body_bytes
-        too_large = APIError(413, f"request body over {limit} bytes", "request_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise too_large(limit)
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > limit:
-                raise too_large
+                raise too_large(limit)
         req = parse_body(bytes(raw), schema)
         unsupported(req)
         if req.model != self.s.model_name:  # the cheap checks come before any tokenizing
@@ -143,11 +139,8 @@ class OpenAIServer:
         return req
 
     def _max_tokens(self, req: _Common) -> int:
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.s.default_max_tokens
-        if max_tokens > self.s.max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.s.max_tokens_limit}",
-                           "max_tokens_too_large", "max_tokens")
-        return max_tokens
+        return check_max_tokens(req.max_completion_tokens or req.max_tokens or self.s.default_max_tokens,
+                                self.s.max_tokens_limit)
 
     def _gen_request(self, req: _Common, input_ids: list[int]) -> GenRequest:
         max_tokens = self._max_tokens(req)
@@ -156,7 +149,12 @@ class OpenAIServer:
                                 f"model's context of {self.engine.context_length} tokens",
                            "context_length_exceeded", "messages")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
+        k = req.logprob_count()
+        if k is not None and req.stream and self.engine.batcher is None:
+            raise APIError(400, "logprobs in a stream need serve.continuous_batching=true (this replica streams through "
+                                "generate, which gives no per-token log-probabilities as it goes)",
+                           "unsupported_parameter", "logprobs")
+        return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed, k)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both reset from the config in __init__
     async def _batched(self, reqs: list[GenRequest]) -> list[GenResult]:
@@ -178,7 +176,7 @@ class OpenAIServer:
             h.cancelled.set()  # a client gone mid-way frees the slot
         if "error" in h.result:
             raise h.result["error"]
-        return await asyncio.to_thread(self.engine._finish, gen, h.result["ids"])
+        return await asyncio.to_thread(self.engine._finish, gen, h.result["ids"], h.result.get("logprobs"))
 
     def _start_stream(self, gen: GenRequest, cancelled: threading.Event):
         """(async text pieces, something to join, the result dict) from the running batch or a generate thread."""
@@ -190,11 +188,25 @@ class OpenAIServer:
         async def pieces():
             it = iter(streamer)
             while (piece := await asyncio.to_thread(next, it, None)) is not None:
-                yield piece
+                yield piece, None
 
         return pieces(), thread, result
 
-    async def _stream(self, gen: GenRequest, kind: str, model: str, with_usage: bool) -> AsyncIterator[str]:
+    def _chunk(self, cid: str, kind: str, model: str, piece: str | None, finish: str | None = None,
+               lps: list | None = None, offset: int = 0) -> str:
+        """One stream message: a chat delta or a completion text piece, with its tokens' log-probabilities."""
+        described = self.engine.describe(lps) if lps is not None else None
+        if kind == "chat":
+            delta = Delta(role="assistant", content="") if piece is None and finish is None else Delta(content=piece)
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish,
+                                     logprobs=chat_logprobs(described) if described is not None else None)
+            return sse(ChatChunk(id=cid, created=self.created, model=model, choices=[choice]))
+        choice = PieceChoice(text=piece or "", finish_reason=finish,
+                             logprobs=completion_logprobs(described, offset) if described is not None else None)
+        return sse(CompletionChunk(id=cid, created=self.created, model=model, choices=[choice]))
+
+    async def _stream(self, gen: GenRequest, kind: str, model: str, with_usage: bool,
+                      offset: int = 0) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         cancelled = threading.Event()
         pieces, thread, result = self._start_stream(gen, cancelled)
@@ -203,21 +215,30 @@ class OpenAIServer:
         piece = ""
         finish = "length"
         completed = False
+        given = 0  # tokens whose log-probabilities have been sent
+
+        def lps(n: int | None) -> list | None:
+            nonlocal given
+            if gen.logprobs is None or n is None:
+                return None
+            out, given = result.get("logprobs", [])[given:n], n
+            return out
+
         try:
             if kind == "chat":
-                yield sse(cid, kind, model, self.created, {"role": "assistant", "content": ""})
-            async for piece in pieces:
+                yield self._chunk(cid, kind, model, None)
+            async for piece, n in pieces:
                 if not piece:
                     continue
                 stop_at = min(((sent + piece).find(s) for s in gen.stop if s and s in sent + piece), default=-1)
                 if stop_at >= 0:
                     piece, finish = (sent + piece)[len(sent):stop_at], "stop"
                     if piece:
-                        yield sse(cid, kind, model, self.created, piece)
+                        yield self._chunk(cid, kind, model, piece, None, lps(n), offset + len(sent))
                     cancelled.set()
                     break
+                yield self._chunk(cid, kind, model, piece, None, lps(n), offset + len(sent))
                 sent += piece
-                yield sse(cid, kind, model, self.created, piece)
             if finish != "stop":
                 await asyncio.to_thread(thread.join, 30)
                 if "error" in result:
@@ -226,9 +247,11 @@ class OpenAIServer:
                 finish, n_completion = done.finish_reason, done.completion_tokens
             else:
                 n_completion = await asyncio.to_thread(self.engine.count_tokens, sent + piece)
-            yield sse(cid, kind, model, self.created, None, finish)
+            yield self._chunk(cid, kind, model, "" if kind == "text" else None, finish)
             if with_usage:
-                yield sse_usage(cid, kind, model, self.created, usage(len(gen.input_ids), n_completion))
+                counts = usage(len(gen.input_ids), n_completion)
+                yield sse((ChatChunk if kind == "chat" else CompletionChunk)(id=cid, created=self.created, model=model,
+                                                                             choices=[], usage=counts))
             yield "data: [DONE]\n\n"
             completed = True
         finally:  # client gone (cancelled) or done: stop generating, free the slot
@@ -237,16 +260,18 @@ class OpenAIServer:
             self.cancelled_streams += 0 if completed else 1
             await asyncio.to_thread(thread.join, 30)
 
-    def _complete(self, kind: str, model: str, res: GenResult) -> dict:
+    def _complete(self, kind: str, model: str, res: GenResult, offset: int = 0) -> ChatCompletion | Completion:
         counts = usage(res.prompt_tokens, res.completion_tokens)
+        described = self.engine.describe(res.logprobs) if res.logprobs is not None else None
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
-                      "finish_reason": res.finish_reason, "logprobs": None}
-            return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model, "choices": [choice], "usage": counts}
-        choice = {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model, "choices": [choice], "usage": counts}
+            choice = ChatChoice(message=AssistantMessage(content=res.text), finish_reason=res.finish_reason,
+                                logprobs=chat_logprobs(described) if described is not None else None)
+            return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model,
+                                  choices=[choice], usage=counts)
+        choice = CompletionChoice(text=res.text, finish_reason=res.finish_reason,
+                                  logprobs=completion_logprobs(described, offset) if described is not None else None)
+        return Completion(id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=model, choices=[choice],
+                          usage=counts)
 
     # -- routes
 
@@ -274,8 +299,7 @@ class OpenAIServer:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._check_auth(request)
-        return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "sft-ray"}]}
+        return ModelList(data=[Model(id=self.s.model_name, created=self.created)]).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -288,11 +312,13 @@ class OpenAIServer:
     async def completions(self, request: Request):
         self._check_auth(request)
         req = await self._body(request, CompletionRequest)
-        return await self._answer(req, "text", await asyncio.to_thread(self.engine.text_ids, req.prompt))
+        return await self._answer(req, "text", await asyncio.to_thread(self.engine.text_ids, req.prompt),
+                                  offset=len(req.prompt))
 
-    async def _answer(self, req: _Common, kind: str, input_ids: list[int]):
+    async def _answer(self, req: _Common, kind: str, input_ids: list[int], offset: int = 0):
         gen = self._gen_request(req, input_ids)
         if req.stream:
             with_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, kind, req.model, with_usage), media_type="text/event-stream")
-        return self._complete(kind, req.model, await self._generate(gen))
+            return StreamingResponse(self._stream(gen, kind, req.model, with_usage, offset),
+                                     media_type="text/event-stream")
+        return JSONResponse(self._complete(kind, req.model, await self._generate(gen), offset).model_dump(mode="json"))

@@ -240,7 +240,15 @@ class ContinuousBatcher:
         return cache, mask
 
     def _choose(self, rows: list[_Row], logits) -> list[int]:
-        return [r.sampler.pick(0, logits[i]) for i, r in enumerate(rows)]
+        """Each row's next token; the log-probabilities of the rows that asked go to their results first (before
+        the token is handed out, so a reader that has the token finds its entry)."""
+        from sft_ray.serve.engine import logprobs_of
+
+        toks = [r.sampler.pick(0, logits[i]) for i, r in enumerate(rows)]
+        for r, e in zip(rows, logprobs_of(self.torch, logits, toks, [r.handle.req.logprobs for r in rows])):
+            if e is not None:
+                r.handle.result.setdefault("logprobs", []).append(e)
+        return toks
 
     def _take(self, row: _Row, tok: int) -> None:
         row.ids.append(tok)

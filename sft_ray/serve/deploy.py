@@ -1,5 +1,6 @@
 """Building and starting the Serve application: replicas and resources from ``serve.*``, the API key from
-the environment (fail closed), the entry point for Serve config files, and the vLLM switch for GPU clusters."""
+the environment (fail closed), the entry point for Serve config files, and the vLLM switch for GPU clusters
+(ray.serve.llm's OpenAI ingress behind ``guard.Guard``: the same key, body and max_tokens rules)."""
 
 import hashlib
 from typing import Any
@@ -41,8 +42,9 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
 def app_builder(args: dict[str, str]):
     """Entry for Serve config files: ``import_path: sft_ray.serve:app_builder`` with ``args: {model_dir: ...}``.
 
-    Other args are ``serve.*`` config keys (e.g. ``max_tokens_limit: 256``); the API key is read from the
-    environment variable named by ``api_key_env``, and the build fails when that variable is unset or empty.
+    Other args are ``serve.*`` config keys (e.g. ``max_tokens_limit: 256``, ``backend: vllm``); the API key is
+    read from the environment variable named by ``api_key_env``, and the build fails when that variable is unset
+    or empty, for either backend.
     """
     from sft_ray.config import ServeConfig
 
@@ -50,7 +52,25 @@ def app_builder(args: dict[str, str]):
     model_dir = args.pop("model_dir")
     trust = str(args.pop("trust_remote_code", "false")).lower() == "true"
     cfg = ServeConfig.model_validate(args)
-    return build(model_dir, cfg, trust, api_key_from_env(cfg))
+    key = api_key_from_env(cfg)
+    if cfg.backend == "vllm":
+        check_gpus(cfg)
+        return build_vllm(model_dir, cfg, trust, key)
+    return build(model_dir, cfg, trust, key)
+
+
+def check_gpus(serve_cfg) -> None:
+    """vLLM needs a GPU per replica: refuse before deploying, with the count, where the cluster has none."""
+    import ray
+
+    from sft_ray.config import ConfigError
+
+    if not ray.is_initialized():
+        ray.init(address="auto")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < max(serve_cfg.gpus_per_replica, 1):
+        raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has {gpus:g} GPUs. "
+                          "Use serve.backend=transformers (CPU or GPU) or serve on a GPU cluster")
 
 
 def api_key_from_env(serve_cfg) -> str | None:
@@ -70,13 +90,34 @@ def api_key_from_env(serve_cfg) -> str | None:
     return key
 
 
-def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False):
-    """GPU clusters: vLLM through ray.serve.llm's OpenAI app (``pip install sft-ray[vllm]``)."""
+def guard_options(serve_cfg, api_key: str | None) -> dict[str, Any]:
+    """``guard.Guard``'s settings from ``serve.*`` (only a hash of the key)."""
+    return {"key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
+            "max_body_bytes": serve_cfg.max_body_bytes, "max_tokens_limit": serve_cfg.max_tokens_limit,
+            "default_max_tokens": serve_cfg.default_max_tokens}
+
+
+def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: str | None = None):
+    """GPU clusters: vLLM through ray.serve.llm (``pip install sft-ray[vllm]``). ``build_openai_app`` wired by hand,
+    as ray.serve.llm documents for a custom ingress, so that its FastAPI app gets ``Guard`` in front: the key,
+    the body limit and max_tokens hold as on the transformers backend."""
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+        from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
     except ImportError as e:  # vllm missing
         raise RuntimeError("serve.backend=vllm needs vLLM on a GPU node: pip install 'sft-ray[vllm]'") from e
     from pathlib import Path
+
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    from sft_ray.serve.guard import Guard
+
+    try:  # Ray's own ingress app (its error handling, metrics and request ids), with Guard added outermost
+        from ray.llm._internal.serve.core.ingress.ingress import init as ingress_app
+    except ImportError:
+        from fastapi import FastAPI as ingress_app
+    app = ingress_app()
+    app.add_middleware(Guard, **guard_options(serve_cfg, api_key))
 
     deployment: dict[str, Any] = {"autoscaling_config": {"min_replicas": serve_cfg.min_replicas,
                                                          "max_replicas": serve_cfg.max_replicas}}
@@ -85,7 +126,11 @@ def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False):
         deployment_config=deployment,
         engine_kwargs={"trust_remote_code": trust_remote_code, "max_num_seqs": serve_cfg.max_running},
     )
-    return build_openai_app({"llm_configs": [llm]})
+    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+    return serve.deployment(ingress, **OpenAiIngress.get_deployment_options([llm])).bind(
+        llm_deployments={llm.model_id: build_llm_deployment(llm)},
+        model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
+    )
 
 
 def start(model_dir: str, cfg, api_key: str | None = None) -> str:
@@ -106,19 +151,10 @@ def start(model_dir: str, cfg, api_key: str | None = None) -> str:
                            "or use the transformers backend for an adapter")
     init_ray(cfg)
     if sc.backend == "vllm":
-        import ray
-
-        from sft_ray.config import ConfigError
-
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < max(sc.gpus_per_replica, 1):
-            raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has {gpus:g} GPUs. "
-                              "Use serve.backend=transformers (CPU or GPU) or serve on a GPU cluster")
+        check_gpus(sc)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     if sc.backend == "vllm":
-        if sc.api_key_env:
-            raise RuntimeError("serve.api_key_env is implemented by the transformers backend only")
-        application = build_vllm(model_dir, sc, cfg.model.trust_remote_code)
+        application = build_vllm(model_dir, sc, cfg.model.trust_remote_code, api_key)
     else:
         application = build(source if "://" in source else model_dir, sc, cfg.model.trust_remote_code, api_key)
     serve.run(application, name="sft-ray", route_prefix="/", blocking=False)

@@ -19,7 +19,26 @@ class GenRequest:
     top_p: float
     stop: tuple[str, ...]
     seed: int | None
+    logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k most likely
 
+
+# one generated token's log-probabilities: (token id, its logprob, [(alternative id, logprob), ...] best first)
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+def logprobs_of(torch, logits, chosen: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
+    """Log-probabilities of the model's own distribution (the raw logits, before temperature and top-p, as
+    OpenAI and vLLM report them) for the rows that asked (``ks[i]`` not None)."""
+    want = [i for i, k in enumerate(ks) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(ks)
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[want].float(), dim=-1)
+    top = torch.topk(lp, max(ks[i] for i in want), dim=-1) if max(ks[i] for i in want) else None
+    for j, i in enumerate(want):
+        alts = [] if not ks[i] else list(zip(top.indices[j, :ks[i]].tolist(), top.values[j, :ks[i]].tolist()))
+        out[i] = (chosen[i], float(lp[j, chosen[i]]), alts)
+    return out
 
 
 class _RowSampler:
@@ -65,6 +84,7 @@ class GenResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked
 
 
 class Engine:
@@ -85,10 +105,26 @@ class Engine:
         gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids.discard(None)
+        self._added = set(self.tok.added_tokens_decoder)
+        try:
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()} if self._byte_level() else None
+        except ImportError:
+            self._byte_decoder = None
         from sft_ray.serve.batcher import ContinuousBatcher
 
         self.batcher = ContinuousBatcher(self.model, self.eos_ids, max_running) \
             if continuous and ContinuousBatcher.supports(self.model) else None
+
+    def _byte_level(self) -> bool:
+        bt = getattr(self.tok, "backend_tokenizer", None)
+        try:
+            from tokenizers import decoders
+
+            return bt is not None and isinstance(bt.decoder, decoders.ByteLevel)
+        except ImportError:
+            return False
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -111,8 +147,28 @@ class Engine:
             kw["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device, self.torch)])
         return kw
 
-    def _finish(self, r: GenRequest, ids: list[int]) -> GenResult:
-        """Cut at end-of-sequence, the request's own max_tokens, and its stop strings."""
+    def describe(self, lps: list[TokenLogprob]) -> list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]:
+        """Token ids in log-probability entries as (text, bytes, logprob), for the wire."""
+        def one(t: int):
+            return self._token_text(t), self._token_bytes(t)
+
+        return [(*one(t), lp, [(*one(a), alp) for a, alp in alts]) for t, lp, alts in lps]
+
+    def _token_text(self, t: int) -> str:
+        return self.tok.decode([t], skip_special_tokens=False)
+
+    def _token_bytes(self, t: int) -> list[int]:
+        """The token's own bytes: for a byte-level BPE vocabulary (GPT-2's family) a token can be part of a
+        character, which its decoded text cannot show."""
+        piece = self.tok.convert_ids_to_tokens(t)
+        if isinstance(piece, str) and self._byte_decoder is not None and t not in self._added \
+                and all(c in self._byte_decoder for c in piece):
+            return [self._byte_decoder[c] for c in piece]
+        return list(self._token_text(t).encode("utf-8"))
+
+    def _finish(self, r: GenRequest, ids: list[int], lps: list[TokenLogprob] | None = None) -> GenResult:
+        """Cut at end-of-sequence, the request's own max_tokens, and its stop strings (log-probabilities with
+        the tokens they belong to: up to the one that completes the text, after a stop string)."""
         reason = "length"
         for i, t in enumerate(ids):
             if t in self.eos_ids:
@@ -122,11 +178,16 @@ class Engine:
             ids, reason = ids[: r.max_tokens], "length" if reason != "stop" or len(ids) > r.max_tokens else reason
         text = self.tok.decode(ids, skip_special_tokens=True)
         n = len(ids)
+        kept = n
         cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
             n = self.count_tokens(text)
-        return GenResult(text=text, prompt_tokens=len(r.input_ids), completion_tokens=n, finish_reason=reason)
+            if r.logprobs is not None:
+                kept = next((k for k in range(len(ids) + 1)
+                             if len(self.tok.decode(ids[:k], skip_special_tokens=True)) >= len(text)), len(ids))
+        return GenResult(text=text, prompt_tokens=len(r.input_ids), completion_tokens=n, finish_reason=reason,
+                         logprobs=None if r.logprobs is None else list(lps or [])[:kept])
 
     def generate(self, reqs: list[GenRequest]) -> list[GenResult]:
         """Answers for several requests: through the running batch, or one left-padded ``generate`` call."""
@@ -136,16 +197,25 @@ class Engine:
                 h.join()
                 if "error" in h.result:
                     raise h.result["error"]
-            return [self._finish(r, h.result["ids"]) for r, h in zip(reqs, handles)]
+            return [self._finish(r, h.result["ids"], h.result.get("logprobs")) for r, h in zip(reqs, handles)]
         torch = self.torch
         width = max(len(r.input_ids) for r in reqs)
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in reqs])
         attn = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in reqs])
+        ks = [r.logprobs for r in reqs]
+        extra = {"output_logits": True, "return_dict_in_generate": True} if any(k is not None for k in ks) else {}
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-                                      **self._gen_kwargs(reqs, max(r.max_tokens for r in reqs)))
-        return [self._finish(r, out[j, width:].tolist()) for j, r in enumerate(reqs)]
+                                      **self._gen_kwargs(reqs, max(r.max_tokens for r in reqs)), **extra)
+        seqs = out.sequences if extra else out
+        lps: list[list[TokenLogprob]] = [[] for _ in reqs]
+        for step, logits in enumerate(out.logits if extra else ()):
+            chosen = seqs[:, width + step].tolist()
+            for j, e in enumerate(logprobs_of(torch, logits, chosen, ks)):
+                if e is not None:
+                    lps[j].append(e)
+        return [self._finish(r, seqs[j, width:].tolist(), lps[j]) for j, r in enumerate(reqs)]
 
     def stream(self, r: GenRequest, cancelled: threading.Event):
         """(text pieces as they are generated, something to ``join``, the result dict with ``ids`` or ``error``);
@@ -192,13 +262,14 @@ class Engine:
                 return
 
     async def apieces(self, h):
-        """Text as the batcher's token ids arrive, for a request submitted with the event loop (nothing blocks)."""
+        """(text, tokens so far) as the batcher's token ids arrive, for a request submitted with the event loop
+        (nothing blocks); the count says which of ``h.result["logprobs"]`` a piece's tokens are."""
         detok = _Detok(self.tok)
         while True:
             tok = await h.next_token()
             piece = detok.add(tok)
             if piece:
-                yield piece
+                yield piece, len(detok.ids)
             if tok is None:
                 return
 

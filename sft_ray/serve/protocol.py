@@ -1,14 +1,16 @@
-"""The OpenAI wire format: request models, what this server refuses, error bodies, and stream chunks.
+"""The OpenAI wire format: request and response models, what this server refuses, error bodies, stream chunks.
 
-Nothing here generates or serves; ``app.py`` reads requests through ``parse_body`` and answers with these.
+Nothing here generates or serves; ``app.py`` reads requests through ``parse_body`` and answers with the response
+models below (``.json()`` of each is the body the OpenAI API sends).
 """
 
 # no `from __future__ import annotations`: pydantic and FastAPI need real annotation objects
 
 import json
+from itertools import accumulate
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels; thousands of levels is an attack on the parser
 
@@ -61,29 +63,40 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     # accepted by OpenAI, not implemented here: refused by name (see ``unsupported``), never silently ignored
-    logprobs: Any = None
-    top_logprobs: Any = None
     response_format: Any = None
+
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities; k >= 0: the chosen token's and the k most likely alternatives'."""
+        raise NotImplementedError
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's range
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
 
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Common):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's range: alternatives per token
     echo: bool = False
     suffix: str | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 def unsupported(req: _Common) -> None:
     """Refuse what the client asked for and this server would otherwise silently not do."""
+    if getattr(req, "top_logprobs", None) is not None and not getattr(req, "logprobs", None) is True:
+        raise APIError(400, "top_logprobs needs logprobs=true", "invalid_value", "top_logprobs")
     asked = {
-        "logprobs": req.logprobs not in (None, False, 0),
-        "top_logprobs": req.top_logprobs not in (None, 0),
         "response_format": req.response_format not in (None, {"type": "text"}),
         "tools": bool(getattr(req, "tools", None)) or bool(getattr(req, "functions", None)),
         "tool_choice": getattr(req, "tool_choice", None) not in (None, "none"),
@@ -136,25 +149,145 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         raise APIError(400, f"{param or 'body'}: {err.get('msg', str(e))}", "invalid_value", param) from None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+# -- responses
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
 
 
-def sse(cid: str, kind: str, model: str, created: int, delta: str | dict | None, finish: str | None = None) -> str:
-    """One Server-Sent Events chunk: a chat delta or a completion text piece."""
-    if kind == "chat":
-        d = delta if isinstance(delta, dict) else ({"content": delta} if delta is not None else {})
-        chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
-    else:
-        chunk = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
-    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
 
 
-def sse_usage(cid: str, kind: str, model: str, created: int, counts: dict[str, int]) -> str:
-    """The last chunk of a stream asked for with ``stream_options.include_usage``: no choices, the usage."""
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    chunk = {"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": counts}
-    return f"data: {json.dumps(chunk)}\n\n"
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}."""
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+class _Envelope(BaseModel):
+    """What every response and stream chunk carries around its choices."""
+    id: str
+    created: int
+    model: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+    @field_serializer("delta")
+    def _only_set(self, d: Delta) -> dict:  # OpenAI's deltas carry only what changed ({} at the end)
+        return d.model_dump(exclude_none=True)
+
+
+class ChatChunk(_Envelope):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class PieceChoice(BaseModel):
+    """A completions stream chunk's choice (finish_reason is null until the last)."""
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionChunk(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[PieceChoice]  # [] in the usage chunk
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sft-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+# a token's log-probabilities as the engine describes them: (text, bytes, logprob, [(text, bytes, logprob), ...])
+Described = list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]
+
+
+def chat_logprobs(entries: Described) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        TokenLogprob(token=t, bytes=b, logprob=lp,
+                     top_logprobs=[TopLogprob(token=at, bytes=ab, logprob=alp) for at, ab, alp in alts])
+        for t, b, lp, alts in entries])
+
+
+def completion_logprobs(entries: Described, offset: int) -> CompletionLogprobs:
+    """``offset``: where the first token's text starts (characters into prompt + completion)."""
+    starts = list(accumulate((len(e[0]) for e in entries), initial=offset))[:-1]
+    return CompletionLogprobs(tokens=[e[0] for e in entries], token_logprobs=[e[2] for e in entries],
+                              top_logprobs=[{at: alp for at, _, alp in e[3]} for e in entries], text_offset=starts)
+
+
+def sse(chunk: BaseModel) -> str:
+    """One Server-Sent Events message."""
+    return f"data: {chunk.model_dump_json()}\n\n"
