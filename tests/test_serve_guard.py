@@ -48,6 +48,7 @@ def url(ray_local):
     cfg = ServeConfig(max_tokens_limit=64, default_max_tokens=16, max_body_bytes=20000)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(_echo_app(guard_options(cfg, KEY)), name="guard-test", route_prefix="/")
+    serve.run(_echo_app(guard_options(cfg, KEY)), name="guard-test-prefixed", route_prefix="/llm")
     yield f"http://127.0.0.1:{PORT}"
     serve.shutdown()
 
@@ -74,6 +75,15 @@ def test_a_request_without_max_tokens_gets_the_default(url):
     r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json={"model": "m", "messages": []})
     sent = json.loads(r.json()["body"])
     assert sent["max_tokens"] == 16 and int(r.json()["length"]) == len(r.json()["body"].encode())
+
+
+def test_the_rules_hold_under_a_route_prefix(url):
+    assert httpx.get(f"{url}/llm/health").status_code == 200
+    assert httpx.get(f"{url}/llm/v1/models").status_code == 401
+    r = httpx.post(f"{url}/llm/v1/chat/completions", headers=AUTH, json={"model": "m", "messages": []})
+    assert json.loads(r.json()["body"])["max_tokens"] == 16
+    r = httpx.post(f"{url}/llm/v1/chat/completions", headers=AUTH, json={"model": "m", "max_tokens": 65})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
 
 
 @pytest.mark.parametrize("body, status, code", [

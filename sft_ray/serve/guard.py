@@ -55,14 +55,15 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
-            if scope["path"] not in self.open_paths and not bearer_ok(headers.get("authorization", ""), self.key):
+            path = scope["path"].rstrip("/")  # under a route prefix the path ends with the route's own
+            if not path.endswith(self.open_paths) and not bearer_ok(headers.get("authorization", ""), self.key):
                 raise unauthorized()
             if scope["method"] != "POST":
                 return await self.app(scope, receive, send)
             body = await self._read(headers, receive)
             if body is None:  # the client went away
                 return
-            new = self._checked(body, scope["path"])
+            new = self._checked(body, path)
         except APIError as e:
             return await _reply(scope, receive, send, e)
         if new is not body:
@@ -103,7 +104,7 @@ class Guard:
         for v in asked:
             if isinstance(v, int) and not isinstance(v, bool):
                 check_max_tokens(v, self.max_tokens_limit)
-        if asked or path not in GENERATION_PATHS:
+        if asked or not path.endswith(GENERATION_PATHS):
             return body
         return json.dumps({**data, "max_tokens": self.default_max_tokens}).encode()
 
