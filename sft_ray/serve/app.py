@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from sft_ray.serve.engine import Engine, GenRequest, GenResult
-from sft_ray.serve.guard import bearer_ok, check_max_tokens, too_large, unauthorized
+from sft_ray.serve.guard import bearer_ok, check_max_tokens, read_capped, unauthorized
 from sft_ray.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice,
                                     ChatCompletion, ChatRequest, Completion, CompletionChoice, CompletionChunk,
                                     CompletionRequest, Delta, Model, ModelList, PieceChoice, _Common, chat_logprobs,
@@ -121,16 +121,8 @@ class OpenAIServer:
     async def _body(self, request: Request, schema):
         """The body read chunk by chunk and cut off at ``max_body_bytes`` (a chunked request has no
         Content-Length to check first), then parsed and validated (``protocol.parse_body``)."""
-        limit = self.s.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large(limit)
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise too_large(limit)
-        req = parse_body(bytes(raw), schema)
+        raw = await read_capped(request.headers.get("content-length", ""), request.stream(), self.s.max_body_bytes)
+        req = parse_body(raw, schema)
         unsupported(req)
         if req.model != self.s.model_name:  # the cheap checks come before any tokenizing
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.s.model_name!r}",

@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_ray.serve.engine import _RowSampler, logprobs_of
+
 
 @dataclass
 class Handle:
@@ -164,8 +166,6 @@ class ContinuousBatcher:
         token, as ``generate`` does); each row's first token chosen from its last position's logits."""
         from transformers import DynamicCache
 
-        from sft_ray.serve.engine import _RowSampler
-
         torch = self.torch
         width = max(len(h.req.input_ids) for h in group)
         ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
@@ -242,8 +242,6 @@ class ContinuousBatcher:
     def _choose(self, rows: list[_Row], logits) -> list[int]:
         """Each row's next token; the log-probabilities of the rows that asked go to their results first (before
         the token is handed out, so a reader that has the token finds its entry)."""
-        from sft_ray.serve.engine import logprobs_of
-
         toks = [r.sampler.pick(0, logits[i]) for i, r in enumerate(rows)]
         for r, e in zip(rows, logprobs_of(self.torch, logits, toks, [r.handle.req.logprobs for r in rows])):
             if e is not None:

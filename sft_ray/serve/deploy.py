@@ -24,7 +24,7 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
         max_running=serve_cfg.max_running,
         max_body_bytes=serve_cfg.max_body_bytes,
         # only a hash of the key travels to the replicas (and so into Serve's config and logs)
-        api_key_sha256=hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
+        api_key_sha256=key_sha256(api_key),
         trust_remote_code=trust_remote_code,
         base_model=serve_cfg.base_model,
     )
@@ -90,9 +90,14 @@ def api_key_from_env(serve_cfg) -> str | None:
     return key
 
 
+def key_sha256(api_key: str | None) -> str | None:
+    """What travels to the replicas instead of the key (and so into Serve's config and logs)."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
 def guard_options(serve_cfg, api_key: str | None) -> dict[str, Any]:
     """``guard.Guard``'s settings from ``serve.*`` (only a hash of the key)."""
-    return {"key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
+    return {"key_sha256": key_sha256(api_key),
             "max_body_bytes": serve_cfg.max_body_bytes, "max_tokens_limit": serve_cfg.max_tokens_limit,
             "default_max_tokens": serve_cfg.default_max_tokens}
 

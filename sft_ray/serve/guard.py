@@ -42,6 +42,19 @@ def check_max_tokens(max_tokens: int, limit: int) -> int:
     return max_tokens
 
 
+async def read_capped(declared: str, chunks, limit: int) -> bytes:
+    """A body read chunk by chunk and cut off past ``limit`` bytes: a declared Content-Length over it is refused
+    first, and a chunked body (no length to check) as soon as it passes it; the rest never reaches memory."""
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
 class Guard:
     """ASGI middleware: key, body limit and max_tokens for an app that has none of its own."""
 
@@ -73,19 +86,21 @@ class Guard:
         await self.app(scope, _replay(new, receive), send)
 
     async def _read(self, headers: dict[str, str], receive) -> bytes | None:
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            raise too_large(self.limit)
-        body, more = bytearray(), True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if len(body) > self.limit:  # stop reading: the rest never reaches memory
-                raise too_large(self.limit)
-        return bytes(body)
+        gone = False
+
+        async def chunks():
+            nonlocal gone
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    gone = True
+                    return
+                yield msg.get("body", b"")
+                more = msg.get("more_body", False)
+
+        body = await read_capped(headers.get("content-length", ""), chunks(), self.limit)
+        return None if gone else body
 
     def _checked(self, body: bytes, path: str) -> bytes:
         """The body to hand on: as it came, or with the default max_tokens; APIError for what is refused here.
