@@ -198,6 +198,26 @@ def test_auth(server):
         ({"model": "tiny", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
          400, "unsupported_content"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]},
+         400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "high"},
+         400, "unsupported_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
+          "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+         400, "unsupported_parameter"),
+        # an option OpenAI does not have (a vendor extension, a typo) is refused by name, as OpenAI refuses it
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_k": 5}, 400, "unknown_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x", "weight": 0}]}, 400, "unknown_parameter"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream_options": {"usage": True}},
+         400, "unknown_parameter"),
+        # honoured options out of their range
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, 400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50": 101}},
+         400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"hello": 1}},
+         400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}},
+         400, "invalid_value"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, code):
@@ -245,7 +265,8 @@ def test_stream_usage_and_text_parts(server):
     assert plain.choices[0].message.content == full.choices[0].message.content
 
 
-@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix")])
+@pytest.mark.parametrize("extra, param", [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"),
+                                          ({"best_of": 3}, "best_of")])
 def test_completion_options_this_backend_lacks_are_refused(server, extra, param):
     r = httpx.post(f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "tiny", "prompt": "Once", "max_tokens": 2, **extra})
@@ -308,3 +329,49 @@ def test_logprobs_are_the_models_own(server, local_model):
     r6 = httpx.post(f"{server}/completions", headers={"Authorization": f"Bearer {KEY}"},
                     json={"model": "tiny", "prompt": "Once", "max_tokens": 2, "logprobs": 6})
     assert r6.status_code == 400 and r6.json()["error"]["param"] == "logprobs"
+
+
+def _reference_ids(model, ids, n, presence, frequency, bias):
+    """OpenAI's rule written out: logit_bias added, each generated token lowered by frequency x count + presence."""
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1].float().clone()
+        for t, b in bias.items():
+            logits[t] += b
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        out.append(int(torch.argmax(logits)))
+    return out
+
+
+def test_penalties_logit_bias_and_the_other_fields_clients_send(server, local_model):
+    """presence/frequency penalties and logit_bias are honoured (the reference loop's tokens, streamed and not);
+    ``developer`` is ``system``; fields with no effect on the answer (user, metadata, store, service_tier) and a
+    message sent back as the openai client parsed it are accepted."""
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    ids = _chat_ids(tok, messages)
+    bias = {tok(" blue", add_special_tokens=False)["input_ids"][0]: 4.0}
+    kw = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, presence_penalty=0.6,
+              frequency_penalty=1.2, logit_bias={str(k): v for k, v in bias.items()})
+    r = client.chat.completions.create(**kw)
+    want = _reference_ids(model, ids, 10, 0.6, 1.2, bias)
+    want = want[:want.index(tok.eos_token_id)] if tok.eos_token_id in want else want
+    assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+    assert r.choices[0].message.content != tok.decode(_greedy_ids(tok, model, ids, 10), skip_special_tokens=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
+
+    system = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, *messages])
+    developer = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, user="u-1",
+                                               metadata={"run": "test"}, store=False, service_tier="auto",
+                                               messages=[{"role": "developer", "content": "Be brief."}, *messages])
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    again = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                           messages=[*messages, system.choices[0].message,
+                                                     {"role": "user", "content": "And one more?"}])
+    assert again.choices[0].finish_reason in ("stop", "length")

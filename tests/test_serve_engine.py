@@ -174,3 +174,45 @@ def test_logprobs_agree_between_the_running_batch_and_generate(engine, tiny_mode
             assert gt == wt and abs(glp - wlp) < 1e-3 and [t for t, _ in galts] == [t for t, _ in walts]
     assert all(len(alts) == 2 and alts[0][0] == t for t, _, alts in got[0].logprobs)  # greedy: its own best
     assert all(alts == [] and lp <= 0 for _, lp, alts in got[1].logprobs)
+
+
+def _reference(engine, ids, n, presence=0.0, frequency=0.0, bias=None):
+    """OpenAI's rule written out, one full forward per token: logit_bias added, then each token generated so far
+    lowered by frequency x its count + presence; the argmax taken."""
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float().clone()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        out.append(int(torch.argmax(logits)))
+        if out[-1] in engine.eos_ids:
+            break
+    return out
+
+
+def test_penalties_and_logit_bias_follow_openais_rule_on_both_paths(engine, tiny_model_dir):
+    """presence/frequency penalties and logit_bias, greedy, in a batch beside a plain request: the running batch
+    and batching off both give the reference loop's tokens, and they change the answer (so they are not ignored)."""
+    prompt = "Count to three, please, slowly."
+    first = _reference(engine, _req(engine, prompt).input_ids, 1)[0]
+    forced = next(t for t in range(1000, 2000) if t != first and t not in engine.eos_ids)
+
+    def reqs():
+        a = _req(engine, prompt, max_tokens=12)
+        a.presence_penalty, a.frequency_penalty = 0.5, 1.5
+        b = _req(engine, "hi", max_tokens=12)
+        b.logit_bias = {forced: 100.0}
+        return [a, b, _req(engine, "What is 2+2?", max_tokens=12)]
+
+    off = Engine(str(tiny_model_dir), continuous=False)
+    plain = _alone_greedy(engine, reqs()[0].input_ids, 12)
+    for eng in (engine, off):
+        got = eng.generate(reqs())
+        a, b, c = reqs()
+        want_a = _reference(engine, a.input_ids, 12, 0.5, 1.5)
+        assert got[0].text == engine._finish(a, want_a).text != plain
+        assert got[1].text == engine.tok.decode([forced] * 12)  # +100: the biased token every time
+        assert got[2].text == _alone_greedy(engine, c.input_ids, 12)  # its neighbours' settings do not leak

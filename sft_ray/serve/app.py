@@ -146,7 +146,12 @@ class OpenAIServer:
             raise APIError(400, "logprobs in a stream need serve.continuous_batching=true (this replica streams through "
                                 "generate, which gives no per-token log-probabilities as it goes)",
                            "unsupported_parameter", "logprobs")
-        return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed, k)
+        bias = req.biases()
+        if bias and max(bias) >= self.engine.vocab_size:
+            raise APIError(400, f"logit_bias: token id {max(bias)} is not in the model's vocabulary of "
+                                f"{self.engine.vocab_size} tokens", "invalid_value", "logit_bias")
+        return GenRequest(input_ids, max_tokens, req.temperature, req.top_p, stop, req.seed, k,
+                          req.presence_penalty, req.frequency_penalty, bias)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both reset from the config in __init__
     async def _batched(self, reqs: list[GenRequest]) -> list[GenResult]:
@@ -297,7 +302,7 @@ class OpenAIServer:
     async def chat(self, request: Request):
         self._check_auth(request)
         req = await self._body(request, ChatRequest)
-        messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(req.messages)]
+        messages = [m.as_template_dict(f"messages[{i}]") for i, m in enumerate(req.messages)]
         return await self._answer(req, "chat", await asyncio.to_thread(self.engine.chat_ids, messages))
 
     @app.post("/v1/completions")

@@ -242,7 +242,7 @@ class ContinuousBatcher:
     def _choose(self, rows: list[_Row], logits) -> list[int]:
         """Each row's next token; the log-probabilities of the rows that asked go to their results first (before
         the token is handed out, so a reader that has the token finds its entry)."""
-        toks = [r.sampler.pick(0, logits[i]) for i, r in enumerate(rows)]
+        toks = [r.sampler.pick(0, logits[i], r.ids) for i, r in enumerate(rows)]
         for r, e in zip(rows, logprobs_of(self.torch, logits, toks, [r.handle.req.logprobs for r in rows])):
             if e is not None:
                 r.handle.result.setdefault("logprobs", []).append(e)

@@ -20,6 +20,13 @@ class GenRequest:
     stop: tuple[str, ...]
     seed: int | None
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's penalties on the tokens generated so far (not the prompt's)
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before choosing
+
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before a token is chosen (then even a greedy row needs ``_RowSampler``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 # one generated token's log-probabilities: (token id, its logprob, [(alternative id, logprob), ...] best first)
@@ -43,30 +50,46 @@ def logprobs_of(torch, logits, chosen: list[int], ks: list[int | None]) -> list[
 
 class _RowSampler:
     """A logits processor that makes each row's choice itself: the argmax for a greedy row, else a sample from the
-    row's tempered, top-p-filtered distribution drawn with the row's own generator. It returns a score row that is
-    finite only at that token, so ``generate``'s greedy step takes it. It runs last, after the model's own
-    processors, so a greedy row is exactly what ``generate`` alone gives."""
+    row's tempered, top-p-filtered distribution drawn with the row's own generator; a row's ``logit_bias`` and
+    presence/frequency penalties (OpenAI's rule, over the tokens it has generated) apply first. It returns a score
+    row that is finite only at that token, so ``generate``'s greedy step takes it. It runs last, after the model's
+    own processors, so a greedy row without adjustments is exactly what ``generate`` alone gives.
 
-    def __init__(self, reqs: list[GenRequest], device, torch):
-        self.torch, self.reqs = torch, reqs
+    ``prompt_width``: where generated tokens start in ``generate``'s ``input_ids`` (the left-padded prompts)."""
+
+    def __init__(self, reqs: list[GenRequest], device, torch, prompt_width: int = 0):
+        self.torch, self.reqs, self.prompt_width = torch, reqs, prompt_width
         self.generators = []
+        self.bias = []  # per row: (token ids, biases) tensors, or None
         for r in reqs:
             g = None
             if r.temperature > 0:
                 g = torch.Generator(device=device)  # on the logits' device: CUDA sampling needs a CUDA generator
                 g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
             self.generators.append(g)
+            self.bias.append((torch.tensor(list(r.logit_bias), dtype=torch.long, device=device),
+                              torch.tensor(list(r.logit_bias.values()), dtype=torch.float32, device=device))
+                             if r.logit_bias else None)
 
     def __call__(self, input_ids, scores):
         out = self.torch.full_like(scores, float("-inf"))
         for i in range(len(self.reqs)):
-            out[i, self.pick(i, scores[i])] = 0.0
+            generated = input_ids[i, self.prompt_width:].tolist() if self.reqs[i].adjusts() else ()
+            out[i, self.pick(i, scores[i], generated)] = 0.0
         return out
 
-    def pick(self, i: int, scores) -> int:
-        """Row ``i``'s next token from its scores (what the continuous batcher calls directly)."""
+    def pick(self, i: int, scores, generated=()) -> int:
+        """Row ``i``'s next token from its scores and the tokens it has generated so far (what the continuous
+        batcher calls directly)."""
         torch, r, g = self.torch, self.reqs[i], self.generators[i]
         row = scores.float()
+        if r.adjusts():
+            row = row.clone()  # ``scores`` also give the log-probabilities: they stay the model's own
+            if self.bias[i] is not None:
+                row.index_add_(0, *self.bias[i])
+            if generated and (r.presence_penalty or r.frequency_penalty):
+                ids, counts = torch.unique(torch.tensor(list(generated), device=row.device), return_counts=True)
+                row.index_add_(0, ids, -(counts.float() * r.frequency_penalty + r.presence_penalty))
         if g is None:
             return int(torch.argmax(row))
         logits = row / r.temperature
@@ -101,6 +124,7 @@ class Engine:
         self.device = self.model.device
         cfg = self.model.config.get_text_config()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.vocab_size = int(getattr(cfg, "vocab_size", None) or len(self.tok))  # the logits' width
         self.eos_ids = {self.tok.eos_token_id}
         gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
@@ -136,15 +160,15 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def _gen_kwargs(self, reqs: list[GenRequest], max_new: int) -> dict[str, Any]:
-        """Greedy steps for the whole batch; a row that samples does so in ``_RowSampler``."""
+    def _gen_kwargs(self, reqs: list[GenRequest], max_new: int, prompt_width: int) -> dict[str, Any]:
+        """Greedy steps for the whole batch; a row that samples or adjusts its logits does so in ``_RowSampler``."""
         from transformers import LogitsProcessorList
 
         kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=sorted(self.eos_ids), do_sample=False, temperature=None, top_p=None,
                                   top_k=None)
-        if any(r.temperature > 0 for r in reqs):
-            kw["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device, self.torch)])
+        if any(r.temperature > 0 or r.adjusts() for r in reqs):
+            kw["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device, self.torch, prompt_width)])
         return kw
 
     def describe(self, lps: list[TokenLogprob]) -> list[tuple[str, list[int], float, list[tuple[str, list[int], float]]]]:
@@ -207,7 +231,7 @@ class Engine:
         extra = {"output_logits": True, "return_dict_in_generate": True} if any(k is not None for k in ks) else {}
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-                                      **self._gen_kwargs(reqs, max(r.max_tokens for r in reqs)), **extra)
+                                      **self._gen_kwargs(reqs, max(r.max_tokens for r in reqs), width), **extra)
         seqs = out.sequences if extra else out
         lps: list[list[TokenLogprob]] = [[] for _ in reqs]
         for step, logits in enumerate(out.logits if extra else ()):
@@ -233,7 +257,7 @@ class Engine:
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         ids = torch.tensor([r.input_ids], device=self.device)
-        kwargs = self._gen_kwargs([r], r.max_tokens)
+        kwargs = self._gen_kwargs([r], r.max_tokens, len(r.input_ids))
         result: dict[str, Any] = {}
 
         def run():

@@ -27,9 +27,32 @@ def error_body(message: str, code: str, param: str | None = None, type_: str = "
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
+    """One message of a chat request. Unknown keys are refused (as OpenAI's API does); ``name`` and
+    ``tool_call_id`` go to the chat template; what an earlier response carried (``refusal``, ``annotations``,
+    empty ``tool_calls``) may come back with it."""
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["developer", "system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]]
+    name: str | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+
+    def as_template_dict(self, where: str) -> dict[str, Any]:
+        """The message as the chat template takes it; ``developer`` is the newer name of ``system``."""
+        for param in ("tool_calls", "function_call", "audio"):
+            if getattr(self, param):
+                raise APIError(400, f"{where}.{param} is not supported by this server (the transformers backend "
+                                    "reads text turns only)", "unsupported_parameter", f"{where}.{param}")
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text(where)}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
 
     def text(self, where: str) -> str:
         """OpenAI content parts ([{type: text, text: ...}]) joined; the backend is text-only, so any other
@@ -46,12 +69,16 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against length side channels: nothing to pad here
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. user)
+    """Every field of OpenAI's request is honoured, refused by name when set (``unsupported``), or has no effect on
+    the answer (``user``, ``metadata``, ``store``, ``service_tier``, ...); an unknown field is refused by name, as
+    OpenAI's API does, so a misspelt or vendor-specific option never passes unnoticed."""
+    model_config = ConfigDict(extra="forbid")
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -59,11 +86,34 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generator takes
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    # no effect on the answer: who asked, and OpenAI's own storage and billing options
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # accepted by OpenAI, not implemented here: refused by name (see ``unsupported``), never silently ignored
     response_format: Any = None
+
+    def biases(self) -> dict[int, float] | None:
+        """``logit_bias`` with token ids as ints; an entry that is not a token id or whose bias is out of
+        OpenAI's range [-100, 100] is refused."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for k, v in self.logit_bias.items():
+            if not k.strip().isdigit() or not -100 <= v <= 100:
+                raise APIError(400, f"logit_bias: {k!r}: {v} must map a token id to a bias in [-100, 100]",
+                               "invalid_value", "logit_bias")
+            out[int(k)] = float(v)
+        return out
 
     def logprob_count(self) -> int | None:
         """None: no log-probabilities; k >= 0: the chosen token's and the k most likely alternatives'."""
@@ -77,6 +127,14 @@ class ChatRequest(_Common):
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -87,6 +145,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's range: alternatives per token
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -100,8 +159,16 @@ def unsupported(req: _Common) -> None:
         "response_format": req.response_format not in (None, {"type": "text"}),
         "tools": bool(getattr(req, "tools", None)) or bool(getattr(req, "functions", None)),
         "tool_choice": getattr(req, "tool_choice", None) not in (None, "none"),
+        "function_call": getattr(req, "function_call", None) not in (None, "none"),
+        "modalities": getattr(req, "modalities", None) not in (None, ["text"]),
+        "audio": getattr(req, "audio", None) is not None,
+        "prediction": getattr(req, "prediction", None) is not None,
+        "reasoning_effort": getattr(req, "reasoning_effort", None) is not None,
+        "verbosity": getattr(req, "verbosity", None) is not None,
+        "web_search_options": getattr(req, "web_search_options", None) is not None,
         "echo": bool(getattr(req, "echo", False)),
         "suffix": bool(getattr(req, "suffix", None)),
+        "best_of": getattr(req, "best_of", None) not in (None, 1),
     }
     for param, on in asked.items():
         if on:
@@ -146,6 +213,9 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     except Exception as e:  # pydantic.ValidationError
         err = e.errors()[0] if hasattr(e, "errors") else {}
         param = ".".join(str(p) for p in err.get("loc", [])) or None
+        if err.get("type") == "extra_forbidden":
+            raise APIError(400, f"unrecognized request argument supplied: {param}", "unknown_parameter",
+                           param) from None
         raise APIError(400, f"{param or 'body'}: {err.get('msg', str(e))}", "invalid_value", param) from None
 
 
