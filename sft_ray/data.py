@@ -54,7 +54,10 @@ def find_data_error(e: BaseException) -> str | None:
 
 
 def where(source: str, row: int) -> str:
-    unit = "line" if source.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".json")) else "row"
+    """``file line N`` for JSON files (JSON Lines and arrays are numbered by line), ``file row N`` for tables."""
+    from sft_ray.sources import _kind
+
+    unit = "line" if _kind(source) in ("jsonl", "json") else "row"
     return f"{source} {unit} {row}" if row else source
 
 

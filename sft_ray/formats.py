@@ -1,7 +1,8 @@
 """Turn one dataset row, whatever its shape, into a list of chat messages (or plain text).
 
 Formats: chat ``messages``; ``prompt``/``completion`` (strings or message lists); Alpaca
-``instruction``/``input``/``output``; ShareGPT ``conversations`` (``from``/``value``); plain ``text``.
+``instruction``/``input``/``output`` (with LLaMA-Factory's ``history`` and ``system``); ShareGPT ``conversations``
+(``from``/``value``, with a ``system`` column); plain ``text``.
 Chat rows may carry tool use in the OpenAI shape (assistant ``tool_calls``, ``tool`` turns, a ``tools``
 column of function schemas; ShareGPT's ``function_call``/``observation`` turns) and reasoning
 (``reasoning_content``, or ``<think>`` blocks inside the content).
@@ -51,7 +52,19 @@ class Example:
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    keys = set(row)
+    """The row's format, judged by its non-null columns first: a Parquet file or a Hugging Face dataset that
+    mixes formats has every column in every row, null where the row does not use it. A row whose format
+    columns are all null is judged by the columns it has (so the error says which value is missing)."""
+    fmt = _format_of({k for k, v in row.items() if v is not None}) or _format_of(set(row))
+    if fmt is None:
+        raise RowError(
+            f"matches no known format (columns: {sorted(row)}); expected one of: messages | conversations | "
+            "prompt+completion | instruction+output | text (set data.format / data.columns for custom names)"
+        )
+    return fmt
+
+
+def _format_of(keys: set[str]) -> str | None:
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -62,10 +75,7 @@ def detect_format(row: dict[str, Any]) -> str:
         return "alpaca"
     if "text" in keys:
         return "text"
-    raise RowError(
-        f"matches no known format (columns: {sorted(keys)}); expected one of: messages | conversations | "
-        "prompt+completion | instruction+output | text (set data.format / data.columns for custom names)"
-    )
+    return None
 
 
 def _text(value: Any, what: str, allow_empty: bool = False) -> str:
@@ -177,8 +187,8 @@ def _check_messages(messages: Any, what: str = "messages", need_assistant: bool 
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{what}[{i}].tool_calls")
         else:
             msg.pop("tool_calls", None)  # [] or a column other rows fill
-        if role == "assistant" and m.get("reasoning_content") is not None:
-            _text(m["reasoning_content"], f"{what}[{i}].reasoning_content", allow_empty=True)
+        if role == "assistant":
+            _reasoning(m, msg, f"{what}[{i}]")
         content = m.get("content")
         if content is None and has_tool_calls:
             msg["content"] = ""
@@ -188,6 +198,63 @@ def _check_messages(messages: Any, what: str = "messages", need_assistant: bool 
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise RowError(f"{what} has no assistant turn to train on")
     _check_tool_turns(out, what)
+    return out
+
+
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for it, standard first
+
+
+def _reasoning(m: dict[str, Any], msg: dict[str, Any], what: str) -> None:
+    """An assistant turn's reasoning under any of its names, kept as ``reasoning_content`` (what chat templates
+    read, and what the masks check); two names with different reasoning make the row bad."""
+    given = {k: m[k] for k in REASONING_KEYS if m.get(k) is not None}
+    for k in given:
+        _text(given[k], f"{what}.{k}", allow_empty=True)
+        msg.pop(k, None)
+    if len(set(given.values())) > 1:
+        raise RowError(f"{what} has different reasoning under {' and '.join(given)}")
+    if given:
+        msg["reasoning_content"] = next(iter(given.values()))
+
+
+def _system_column(row: dict[str, Any], msgs: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """A ``system`` column (LLaMA-Factory's ShareGPT and Alpaca layouts) as the conversation's first turn; one
+    that already opens with a system turn as well is ambiguous."""
+    system = row.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return msgs
+    system = _text(system, "system")
+    if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+        raise RowError(f"the row has a system column and {what} opens with a system turn too; keep one")
+    return [{"role": "system", "content": system}, *msgs]
+
+
+def _history(value: Any) -> list[dict[str, Any]]:
+    """Alpaca's ``history`` (LLaMA-Factory): earlier [instruction, response] pairs, as turns before the row's own."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise RowError(f"history must be a list of [instruction, response] pairs, got {type(value).__name__}")
+    turns = []
+    for j, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RowError(f"history[{j}] must be an [instruction, response] pair")
+        turns += [{"role": "user", "content": _text(pair[0], f"history[{j}][0]")},
+                  {"role": "assistant", "content": _text(pair[1], f"history[{j}][1]")}]
+    return turns
+
+
+def _renamed(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """The row with ``data.columns`` applied; a renamed column that lands on another column holding a value
+    (or two renamed onto one) makes the row bad instead of one silently winning."""
+    out: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for k, v in row.items():
+        name = columns.get(k, k)
+        if name in out and out[name] is not None and v is not None:
+            raise RowError(f"data.columns puts {sources[name]!r} and {k!r} both in column {name!r}")
+        if name not in out or v is not None:
+            out[name], sources[name] = v, k
     return out
 
 
@@ -221,7 +288,7 @@ def _sharegpt_turn(turn: dict[str, Any], role: str, i: int) -> dict[str, Any]:
 def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] | None = None) -> Example:
     """Normalise one row. ``columns`` maps source column names to the canonical ones."""
     if columns:
-        row = {columns.get(k, k): v for k, v in row.items()}
+        row = _renamed(row, columns)
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt == "messages":
@@ -241,18 +308,19 @@ def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] |
                     f"conversations[{i}] has unknown speaker {who!r} (allowed: {', '.join(sorted(SHAREGPT_ROLES))})"
                 )
             msgs.append(_sharegpt_turn(turn, role, i))
+        msgs = _system_column(row, msgs, "conversations")
         return Example(messages=_check_messages(msgs, "conversations"), tools=_tools(row.get("tools")))
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
-            p = _check_messages(prompt, "prompt", need_assistant=False)
+            p = _check_messages(_system_column(row, prompt, "prompt") if isinstance(prompt, list) else prompt,
+                                "prompt", need_assistant=False)
             c = _check_messages(completion, "completion")
             return Example(messages=_check_messages(p + c, "prompt+completion"), train_from=len(p),
                            tools=_tools(row.get("tools")))
         p = _text(prompt, "prompt")
         c = _text(completion, "completion")
-        msgs = ([{"role": "system", "content": _text(row["system"], "system")}] if row.get("system") else [])
-        msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+        msgs = _system_column(row, [{"role": "user", "content": p}, {"role": "assistant", "content": c}], "prompt")
         return Example(messages=msgs, train_from=len(msgs) - 1)
     if fmt == "alpaca":
         instruction = _text(row.get("instruction"), "instruction")
@@ -260,9 +328,10 @@ def to_example(row: dict[str, Any], fmt: str = "auto", columns: dict[str, str] |
         if extra is not None and not isinstance(extra, str):
             raise RowError(f"input must be a string, got {type(extra).__name__}")
         user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-        msgs = ([{"role": "system", "content": _text(row["system"], "system")}] if row.get("system") else [])
-        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row.get("output"), "output")}]
-        return Example(messages=msgs, train_from=len(msgs) - 1)
+        msgs = _system_column(row, _history(row.get("history")) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": _text(row.get("output"), "output")}],
+            "history")
+        return Example(messages=msgs)  # every response trained, the history's too (data.loss_on=last_assistant: the output only)
     if fmt == "text":
         return Example(text=_text(row.get("text"), "text"))
     raise RowError(f"unknown data.format {fmt!r} (allowed: auto, {', '.join(FORMATS)})")

@@ -25,12 +25,24 @@ class SourceError(ValueError):
     pass
 
 
+OTHER_COMPRESSION = (".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip", ".7z")  # not read: refused by name
+
+
 def _kind(path: str) -> str | None:
-    """File type by extension; ``.arrow`` only inside a saved dataset (read via its folder)."""
+    """File type by extension (any case: ``DATA.JSONL`` too); ``.arrow`` only inside a saved dataset (read via
+    its folder)."""
+    low = path.lower()
     for ext, kind in EXTENSIONS.items():
-        if path.endswith(ext) or path.endswith(ext + ".gz"):
+        if low.endswith(ext) or low.endswith(ext + ".gz"):
             return kind
     return None
+
+
+def _unread_compression(name: str) -> bool:
+    """A data file compressed some way other than gzip (``train.jsonl.zst``): in a folder it is refused by name
+    instead of being passed over like a README."""
+    low = name.lower()
+    return any(low.endswith(ext + c) for ext in EXTENSIONS for c in OTHER_COMPRESSION)
 
 
 def _is_hf_saved(path: str) -> bool:
@@ -58,6 +70,10 @@ def expand(spec: str) -> list[str]:
                 files += _saved_dataset_files(d)
                 dirs.clear()
                 continue
+            odd = sorted(f for f in names if _unread_compression(f))
+            if odd:
+                raise SourceError(f"{os.path.join(d, odd[0])}: compressed in a way sft-ray does not read (gzip "
+                                  "only: .jsonl.gz, .json.gz, .csv.gz); decompress it or gzip it")
             files += sorted(os.path.join(d, f) for f in names if _kind(f) not in (None, "arrow") and f[0] != ".")
     elif os.path.isfile(spec):
         files = [spec]
@@ -137,8 +153,16 @@ def _open(path: str, seekable: bool = False):
         fs, p = pafs.LocalFileSystem(), path
     if seekable:  # Parquet reads its footer first
         return fs.open_input_file(p)
-    compression = "gzip" if path.endswith(".gz") else None
-    return fs.open_input_stream(p, compression=compression)
+    if path.lower().endswith(".gz"):
+        # Python's gzip hands out what it has decompressed before it meets a cut-off end (the next read raises),
+        # so a truncated file keeps every whole line before the cut; Arrow's stream would drop a whole chunk
+        import gzip
+
+        raw = fs.open_input_stream(p, compression=None)  # not Arrow's own detection: Python's gzip reads it
+        g = gzip.GzipFile(fileobj=raw, mode="rb")
+        g.myfileobj = raw  # closed with it
+        return g
+    return fs.open_input_stream(p, compression=None)
 
 
 class _Prefixed:
@@ -151,7 +175,9 @@ class _Prefixed:
         if self.head:
             out, self.head = self.head, b""
             return out
-        return self.f.read(n)
+        # read1: one read of the stream below (gzip: what it has decompressed so far), so that a file cut off
+        # mid-chunk still gives the lines before the cut instead of losing the chunk with the error
+        return (getattr(self.f, "read1", None) or self.f.read)(n)
 
 
 def _row(source: str, n: int, record: str = "", error: str = "") -> dict[str, Any]:
@@ -173,31 +199,59 @@ def _lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _json_array(f, path: str, chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
-    """Rows of a file holding one JSON array, decoded item by item from a sliding buffer."""
+    """Rows of a file holding one JSON array, decoded item by item from a sliding buffer. Each row is numbered
+    by the line its item starts on (as JSON Lines rows are). Whatever stops the reading (an item that does not
+    parse, bytes that are not UTF-8, anything after the closing ``]``) ends the file with one error row that
+    says so; the items before it are rows."""
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     dec = json.JSONDecoder()
     buf, pos, eof, item, read = "", 0, False, 0, 0
+    line, counted = 1, 0  # the line at buf[counted]
+    bad_byte: list[int] = []  # where the first byte that is not UTF-8 is, once met (reading stops there)
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line += buf.count("\n", counted, p)
+        counted = p
+        return line
+
+    def keep_from(p: int) -> None:
+        nonlocal buf, pos, counted
+        line_at(p)
+        buf, pos, counted = buf[p:], 0, 0
 
     def more() -> bool:
-        nonlocal buf, pos, eof, read
+        nonlocal buf, eof, read
+        if eof:
+            return False
         data = f.read(chunk)
-        if not data:
-            eof = True
-            buf = buf[pos:] + decoder.decode(b"", final=True)
-        else:
-            buf = buf[pos:] + decoder.decode(data)
+        keep_from(pos)
+        try:
+            text = decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:  # keep the text before it; the items in it are still rows
+            pending = len(e.object) - len(data)
+            text = e.object[:e.start].decode("utf-8")
+            bad_byte.append(read - pending + e.start)
+            data = b""
+        buf += text
         read += len(data)
-        pos = 0
+        eof = not data
         return not eof
+
+    def stopped(reason: str) -> ValueError:
+        if bad_byte:
+            reason = f"not UTF-8 text at byte {bad_byte[0]} of the file"
+        return ValueError(f"{reason}; reading stopped after item {item} (the {item} items before it are kept "
+                          "when data.on_bad_rows=skip)" if item else reason)
 
     def skip_ws() -> None:
         nonlocal pos
         while True:
             while pos < len(buf) and buf[pos] in " \t\r\n":
                 pos += 1
-            if pos < len(buf) or eof or not more():
+            if pos < len(buf) or not more():
                 return
 
     try:
@@ -206,34 +260,62 @@ def _json_array(f, path: str, chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
             pos += 1
             skip_ws()
         if buf[pos:pos + 1] != "[":
-            raise ValueError("a .json file must hold one JSON array of records (or one record per line)")
+            raise stopped("a .json file must hold one JSON array of records (or one record per line)")
         pos += 1
         while True:
             skip_ws()
             if buf[pos:pos + 1] == "]":
+                pos += 1
+                skip_ws()
+                if pos < len(buf) or bad_byte:
+                    raise stopped(f"more data after the array's closing ']' (line {line_at(pos)}: "
+                                  f"{buf[pos:pos + 20]!r}); one array per .json file")
                 return
             if item and buf[pos:pos + 1] == ",":
                 pos += 1
                 skip_ws()
             elif item:
-                raise ValueError(f"expected ',' or ']' after item {item}")
+                raise stopped(f"expected ',' or ']' after item {item}")
             while True:
                 try:
                     value, end = dec.raw_decode(buf, pos)
                     break
                 except json.JSONDecodeError as e:
-                    if eof:
-                        raise ValueError(f"item {item + 1} does not parse: {e.msg}") from None
-                    more()
+                    if eof or not more():
+                        raise stopped(f"item {item + 1} (line {line_at(pos)}) does not parse: {e.msg}") from None
             item += 1
+            yield _row(path, line_at(pos), json.dumps(value, ensure_ascii=False))
             pos = end
-            yield _row(path, item, json.dumps(value, ensure_ascii=False))
             if pos > chunk:  # keep the buffer small
-                buf, pos = buf[pos:], 0
-    except UnicodeDecodeError as e:
-        yield _row(path, item + 1, error=f"not UTF-8 text (near byte {read - len(e.object) + e.start})")
-    except (ValueError, IndexError) as e:
-        yield _row(path, item + 1, error=f"JSON array: {e}")
+                keep_from(pos)
+    except ValueError as e:
+        yield _row(path, line_at(min(pos, len(buf))), error=f"JSON array: {e}")
+
+
+def _record(item: dict[str, Any]) -> str:
+    """A Parquet/Arrow/CSV row as JSON text. Binary values are text stored as bytes: decoded as UTF-8 (never
+    written as their Python repr), and a value that is not UTF-8 makes the row bad."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            try:
+                return bytes(v).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"a binary value is not UTF-8 text (byte {e.start})") from None
+        return str(v)  # dates, decimals: as their text
+
+    return json.dumps(item, ensure_ascii=False, default=plain)
+
+
+def _rows(path: str, batches, first: int = 1) -> Iterator[dict[str, Any]]:
+    """Provenance rows of record batches, numbered from ``first``."""
+    n = first - 1
+    for batch in batches:
+        for item in batch.to_pylist():
+            n += 1
+            try:
+                yield _row(path, n, _record(item))
+            except ValueError as e:
+                yield _row(path, n, error=str(e))
 
 
 def iter_file(path: str) -> Iterator[dict[str, Any]]:
@@ -263,33 +345,26 @@ def iter_file(path: str) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         with _open(path, seekable=True) as f:
-            pf = pq.ParquetFile(f)
-            n = 0
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                for item in batch.to_pylist():
-                    n += 1
-                    yield _row(path, n, json.dumps(item, ensure_ascii=False, default=str))
+            yield from _rows(path, pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS))
         return
     if kind == "arrow":  # the shards of a `datasets` save_to_disk folder (Arrow IPC stream)
         import pyarrow as pa
 
         with _open(path) as f:
-            n = 0
-            for batch in pa.ipc.open_stream(f):
-                for item in batch.to_pylist():
-                    n += 1
-                    yield _row(path, n, json.dumps(item, ensure_ascii=False, default=str))
+            yield from _rows(path, pa.ipc.open_stream(f))
         return
     if kind == "csv":
+        import pyarrow as pa
         import pyarrow.csv as pcsv
 
+        with _open(path) as f:  # the header's column names, then every column read as text
+            names = pcsv.open_csv(f).schema.names
+        # a CSV cell is text: "4", "true", "3.10", "NA" and "null" stay as written; only an empty, unquoted
+        # cell is missing
+        convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=[""],
+                                      strings_can_be_null=True, quoted_strings_can_be_null=False)
         with _open(path) as f:
-            reader = pcsv.open_csv(f)
-            n = 0
-            for batch in reader:
-                for item in batch.to_pylist():
-                    n += 1
-                    yield _row(path, n + 1, json.dumps(item, ensure_ascii=False, default=str))  # +1: header line
+            yield from _rows(path, pcsv.open_csv(f, convert_options=convert), first=2)  # line 1: the header
         return
     raise SourceError(f"{path}: unknown file type")
 

@@ -41,6 +41,8 @@ def render(tok, messages, add_generation_prompt: bool = False, **kwargs: Any) ->
         return text
     except TemplateError as e:  # raise_exception(...) in the template, or a template bug this row reaches
         raise RowError(f"the chat template refused this conversation: {e}") from None
+    except Exception as e:  # e.g. a TypeError from a value of the wrong type: this row's fault, not the batch's
+        raise RowError(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from None
 
 
 # render calls made directly; templates compared with apply_chat_template; templates found to differ (fall back)
@@ -154,7 +156,10 @@ def _rendered_turn_start(tok, msgs, i: int, full: str, kwargs) -> int:
             return len(before)
         base = render(tok, ctx, **kwargs)
         if full.startswith(base):  # a generation prompt the turn lacks (enable_thinking=false's empty block)
-            return len(base) + len(os.path.commonprefix([before[len(base):], full[len(base):]]))
+            common = os.path.commonprefix([before[len(base):], full[len(base):]])
+            if THINK_OPEN in common:  # the empty think block's opening tag is the turn's own reasoning's here
+                common = common[:common.index(THINK_OPEN)]
+            return len(base) + len(common)
     raise RowError(
         f"the chat template does not render this conversation turn by turn (the text before assistant turn {i} "
         "is not a prefix of the whole), so its assistant turns cannot be masked; set data.loss_on=last_assistant")
@@ -206,14 +211,20 @@ def _turn_end(tok, msgs, i: int, start: int, full: str, kwargs) -> int:
     return pos + len(eot)
 
 
+def _shown(name: str, text: str, contents: list[str], calls: int = 1) -> bool:
+    """Whether ``text`` shows ``name`` ``calls`` times beyond its occurrences inside the messages' own
+    ``contents`` (an answer that mentions a tool is not the tool call, nor its schema)."""
+    return text.count(name) >= sum(c.count(name) for c in contents) + calls
+
+
 def _check_turn(m: dict[str, Any], i: int, text: str, last: bool, train_reasoning: bool) -> None:
     """The trained text of turn ``i`` holds what the data says the assistant wrote."""
     answer = m["content"].split(THINK_CLOSE)[-1].strip()
     if answer and answer not in text:
         raise RowError(f"the chat template rewrote assistant turn {i}: its content is not in the text trained for it")
-    for c in m.get("tool_calls", []):
-        name = c["function"]["name"]
-        if name not in text:
+    names = [c["function"]["name"] for c in m.get("tool_calls", [])]
+    for name in dict.fromkeys(names):
+        if not _shown(name, text, [m["content"]], names.count(name)):
             raise RowError(
                 f"the chat template does not render tool calls (assistant turn {i}'s call to {name!r} is not in its "
                 "text), so they would not be trained; give a template that does as model.chat_template (e.g. "
@@ -226,17 +237,25 @@ def _check_turn(m: dict[str, Any], i: int, text: str, last: bool, train_reasonin
             "<think>...</think>, or set data.train_reasoning=false")
 
 
-def _reasoning_span(m: dict[str, Any], text: str) -> tuple[int, int] | None:
-    """Where the turn's reasoning sits in its trained text: a <think> block (tags included), or the
-    reasoning_content as the template wrote it."""
-    a = text.find(THINK_OPEN)
-    b = text.find(THINK_CLOSE, a + 1) if a >= 0 else -1
-    if a >= 0 and b >= 0:
+def _reasoning_spans(m: dict[str, Any], text: str) -> list[tuple[int, int]]:
+    """Where the turn's reasoning sits in its trained text: the <think> blocks that open it (tags and the
+    whitespace after them included; a <think> later in an answer is the answer's), else the reasoning_content
+    as the template wrote it."""
+    spans: list[tuple[int, int]] = []
+    pos = len(text) - len(text.lstrip())
+    while text.startswith(THINK_OPEN, pos):
+        b = text.find(THINK_CLOSE, pos + len(THINK_OPEN))
+        if b < 0:
+            break
         end = b + len(THINK_CLOSE)
-        return a, end + (len(text[end:]) - len(text[end:].lstrip()))
+        end += len(text[end:]) - len(text[end:].lstrip())
+        spans.append((pos, end))
+        pos = end
+    if spans:
+        return spans
     r = (m.get("reasoning_content") or "").strip()
     k = text.find(r) if r else -1
-    return (k, k + len(r)) if k >= 0 else None
+    return [(k, k + len(r))] if k >= 0 else []
 
 
 def _assistant_char_spans(tok, ex: Example, targets: list[int], full: str, kwargs,
@@ -250,15 +269,20 @@ def _assistant_char_spans(tok, ex: Example, targets: list[int], full: str, kwarg
         end = _turn_end(tok, msgs, i, start, full, kwargs)
         text = full[start:end]
         _check_turn(msgs[i], i, text, i == last_assistant, train_reasoning)
-        cut = None if train_reasoning else _reasoning_span(msgs[i], text)
-        if cut is None:
-            spans.append((start, end))
-        else:
-            spans += [(a, b) for a, b in ((start, start + cut[0]), (start + cut[1], end)) if b > a]
+        kept = start
+        for a, b in ([] if train_reasoning else _reasoning_spans(msgs[i], text)):
+            if start + a > kept:
+                spans.append((kept, start + a))
+            kept = start + b
+        if end > kept:
+            spans.append((kept, end))
     if ex.tools:
         names = [t.get("function", t)["name"] for t in ex.tools]
         first_turn = min((s for s, _ in spans), default=len(full))
-        if not any(n in full[:first_turn] for n in names):
+        before = [m for k, m in enumerate(msgs) if k < min(targets)]  # what the text before the first turn holds
+        contents = [m["content"] for m in before]
+        calls = [c["function"]["name"] for m in before for c in m.get("tool_calls", [])]
+        if not any(_shown(n, full[:first_turn], contents, calls.count(n) + 1) for n in names):
             raise RowError(f"the chat template ignores the row's tools (none of {', '.join(names[:5])} is in the "
                            "rendered text), so the model would be trained to call tools it was never shown; give a "
                            "template that renders tools as model.chat_template (e.g. model.chat_template=chatml)")
@@ -305,7 +329,7 @@ def tokenize_examples(
         if ex.tools:
             kwargs["tools"] = ex.tools
         try:
-            full = render(tok, ex.messages, **kwargs)
+            full = _text_or_error(render(tok, ex.messages, **kwargs))
             spans = None if loss_on == "all" else _assistant_char_spans(
                 tok, ex, _target_turns(ex, loss_on), full, kwargs, train_reasoning)
         except RowError as e:
@@ -315,6 +339,12 @@ def tokenize_examples(
     if chats:
         for (k, _, _), (ids, labels) in zip(chats, labels_for([c[1] for c in chats], [c[2] for c in chats], tok)):
             out[k] = _finish(ids, labels, max_length, too_long)
+    for k, t in texts:
+        try:
+            _text_or_error(t)
+        except RowError as e:
+            out[k] = e
+    texts = [(k, t) for k, t in texts if out[k] is None]
     if texts:
         eos = tok.eos_token_id
         for (k, _), ids in zip(texts, tok([t for _, t in texts], add_special_tokens=True)["input_ids"]):
@@ -322,6 +352,17 @@ def tokenize_examples(
                 ids = ids + [eos]
             out[k] = _finish(ids, list(ids), max_length, too_long)
     return out
+
+
+def _text_or_error(text: str) -> str:
+    """Text the tokenizer can encode: a lone UTF-16 surrogate (an emoji cut in half by a scraper, "\\ud83d" in
+    JSON) makes the row bad here, instead of failing the tokenizer call of its whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"the text holds a lone UTF-16 surrogate {e.object[e.start:e.end]!r} at character {e.start}, "
+                       "which is not text (half of an emoji or other character cut apart)") from None
+    return text
 
 
 def _finish(ids: list[int], labels: list[int], max_length: int, too_long: str) -> dict[str, Any] | RowError | TooLong:

@@ -163,11 +163,52 @@ def test_too_long_truncate_or_drop(smol_tok):
         ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker 'alien'"),
         ({"prompt": "p", "completion": ""}, "completion is empty"),
         ({"instruction": "i", "output": None}, "output must be a string"),
+        ({"system": "s", "conversations": [{"from": "system", "value": "t"}, {"from": "human", "value": "q"},
+                                           {"from": "gpt", "value": "a"}]}, "opens with a system turn too"),
+        ({"instruction": "i", "output": "o", "history": [["only one"]]}, "history[0] must be an [instruction, response] pair"),
+        ({"messages": None, "prompt": None, "completion": None}, "messages must be a non-empty list"),
     ],
 )
 def test_bad_rows_have_reasons(row, reason):
     with pytest.raises(RowError, match=re.escape(reason)):
         to_example(row)
+
+
+def test_rows_of_a_file_that_mixes_formats_have_every_column(smol_tok):
+    """Parquet and Hugging Face datasets give every row every column, null where unused: a row is judged by the
+    columns it fills."""
+    cols = {"messages": None, "prompt": None, "completion": None, "instruction": None, "output": None, "text": None}
+    assert to_example({**cols, "prompt": "P", "completion": "C"}).messages[-1] == {"role": "assistant", "content": "C"}
+    assert to_example({**cols, "text": "T"}).text == "T"
+    assert to_example({**cols, "instruction": "I", "output": "O"}).messages[-1]["content"] == "O"
+
+
+def test_llama_factory_system_column_and_alpaca_history(smol_tok):
+    """A ShareGPT or Alpaca row's ``system`` column is its system turn; Alpaca's ``history`` pairs are the turns
+    before its own, their responses trained like the output (data.loss_on=last_assistant: the output only)."""
+    share = to_example({"system": "Be a pirate.", "conversations": [{"from": "human", "value": "hi"},
+                                                                   {"from": "gpt", "value": "arr"}]})
+    assert share.messages[0] == {"role": "system", "content": "Be a pirate."}
+    alpaca = to_example({"system": "S", "instruction": "I", "input": "", "output": "O",
+                         "history": [["q1", "a1"], ["q2", "a2"]]})
+    assert [(m["role"], m["content"]) for m in alpaca.messages] == [
+        ("system", "S"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"),
+        ("user", "I"), ("assistant", "O")]
+    out = tokenize_example(alpaca, smol_tok, 512)
+    assert trained_text(smol_tok, out["input_ids"], out["labels"]) == ["a1<|im_end|>", "a2<|im_end|>", "O<|im_end|>"]
+    out = tokenize_example(alpaca, smol_tok, 512, loss_on="last_assistant")
+    assert trained_text(smol_tok, out["input_ids"], out["labels"]) == ["O<|im_end|>"]
+
+
+def test_column_mapping_never_lets_one_column_silently_win():
+    cols = {"question": "prompt", "answer": "completion"}
+    for row in ({"prompt": "OLD", "question": "Q", "answer": "A"}, {"question": "Q", "prompt": "OLD", "answer": "A"}):
+        with pytest.raises(RowError, match="data.columns puts '(question|prompt)' and '(question|prompt)' both in "
+                                           "column 'prompt'"):
+            to_example(row, columns=cols)
+    # a target column that is there but null (Parquet) is filled by the renamed one, in either order
+    for row in ({"prompt": None, "question": "Q", "answer": "A"}, {"question": "Q", "prompt": None, "answer": "A"}):
+        assert to_example(row, columns=cols).messages[0]["content"] == "Q"
 
 
 def test_column_mapping(smol_tok):

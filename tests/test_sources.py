@@ -94,11 +94,72 @@ def test_every_source_kind_trains_and_evaluates(kind, tmp_path, tiny_model_dir, 
 def test_json_array_is_read_item_by_item():
     items = [{"messages": [{"role": "user", "content": "a [x], {y}, \"z\""}, {"role": "assistant", "content": "ok"}]},
              {"text": "ü" * 10}, {"text": "]"}]
-    data = json.dumps(items).encode()
+    data = json.dumps(items, indent=2).encode()
     rows = list(_json_array(io.BytesIO(data), "f.json", chunk=7))  # items cross many chunk boundaries
-    assert [json.loads(r["record"]) for r in rows] == items and [r["row"] for r in rows] == [1, 2, 3]
-    bad = list(_json_array(io.BytesIO(b'[{"text": "a"}, {"text": oops}]'), "f.json", chunk=5))
-    assert bad[0]["record"] and bad[1]["row"] == 2 and "item 2 does not parse" in bad[1]["error"]
+    assert [json.loads(r["record"]) for r in rows] == items
+    lines = data.decode().split("\n")  # each row is numbered by the line its item starts on
+    assert [lines[r["row"] - 1].strip()[:1] for r in rows] == ["{"] * 3 and [r["row"] for r in rows] == [2, 14, 17]
+    bad = list(_json_array(io.BytesIO(b'[{"text": "a"},\n {"text": oops}]'), "f.json", chunk=5))
+    assert bad[0]["record"] and bad[1]["row"] == 2 and "item 2 (line 2) does not parse" in bad[1]["error"]
+    assert "reading stopped after item 1 (the 1 items before it are kept" in bad[1]["error"]
+
+
+@pytest.mark.parametrize("tail, reason", [
+    (b"]\n[" + json.dumps({"text": "lost"}).encode() + b"]", "more data after the array's closing ']' (line 3"),
+    (b', {"text": "caf\xe9"}]', "not UTF-8 text at byte 45 of the file"),
+])
+def test_what_stops_a_json_array_is_said_after_the_items_before_it(tail, reason):
+    """Two arrays run together (``cat a.json b.json``) or a byte that is not UTF-8: every item before it is a row,
+    and one error row after them says why reading stopped, never a silent end."""
+    data = b'[{"text": "a"},\n {"text": "b"}' + tail
+    rows = list(_json_array(io.BytesIO(data), "f.json", chunk=8))
+    assert [json.loads(r["record"]) for r in rows[:2]] == [{"text": "a"}, {"text": "b"}]
+    assert len(rows) == 3 and reason in rows[2]["error"] and "reading stopped after item 2" in rows[2]["error"], rows
+
+
+def test_table_cells_are_text_as_written(tmp_path):
+    """CSV cells are read as text ("4", "true", "3.10", "NA" stay what they say; only an empty cell is missing);
+    Parquet text stored as binary is decoded, never written as b'...'; binary that is not UTF-8 is a bad row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "t.csv"
+    csv.write_text('prompt,completion\nWhat is 2+2?,4\nIs it?,true\nPi?,3.10\nSay NA,NA\nSay null,null\nq,""\n')
+    got = [json.loads(r["record"]) for r in iter_file(str(csv))]
+    assert [g["completion"] for g in got] == ["4", "true", "3.10", "NA", "null", ""]
+    pq.write_table(pa.table({"prompt": pa.array([b"q1", b"q2"], pa.binary()),
+                             "completion": pa.array([b"caf\xc3\xa9", b"caf\xe9"], pa.binary())}), tmp_path / "b.parquet")
+    rows = list(iter_file(str(tmp_path / "b.parquet")))
+    assert json.loads(rows[0]["record"]) == {"prompt": "q1", "completion": "café"}
+    assert rows[1]["record"] == "" and "binary value is not UTF-8 text" in rows[1]["error"]
+
+
+def test_folders_list_data_files_in_any_case_and_refuse_compression_they_cannot_read(tmp_path):
+    from sft_ray.sources import SourceError, expand
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "B.JSONL").write_text("{}\n")
+    (tmp_path / "README.md").write_text("not data")
+    assert [p.rsplit("/", 1)[1] for p in expand(str(tmp_path))] == ["B.JSONL", "a.jsonl"]
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(SourceError, match="c.jsonl.zst: compressed in a way sft-ray does not read"):
+        expand(str(tmp_path))
+
+
+def test_a_cut_gzip_file_keeps_every_whole_line_before_the_cut(tmp_path):
+    import zlib
+
+    body = b"".join(json.dumps({"text": f"row {i} " + "x" * (i % 50)}).encode() + b"\n" for i in range(5000))
+    whole = gzip.compress(body)
+    cut = whole[: len(whole) // 2]
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    readable = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut)
+    whole_lines = readable.count(b"\n")
+    rows = []
+    with pytest.raises(EOFError):  # _read_files turns it into the error row after them (test above)
+        for r in iter_file(str(tmp_path / "cut.jsonl.gz")):
+            rows.append(r)
+    assert len(rows) == whole_lines > 1000, (len(rows), whole_lines)
 
 
 def test_a_file_cut_off_part_way_says_where_reading_stopped(tmp_path, tiny_model_dir):

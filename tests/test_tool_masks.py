@@ -267,3 +267,78 @@ def test_a_template_that_fools_the_final_turn_reading_is_caught(smol_tok):
     # the second "A: " and the answer (the token that holds the first one's space is " A")
     assert [t.strip() for t in trained_text(tok, out["input_ids"], out["labels"])] == ["A: hello<eot>"]
     assert any(k[0] == tok.chat_template for k in template._LAST["off"])
+
+
+def _trained(tok, row, **kw):
+    out = tokenize_example(to_example(row), tok, 4096, **kw)
+    return trained_text(tok, out["input_ids"], out["labels"])
+
+
+def test_a_dropped_call_or_schema_is_caught_when_the_text_mentions_the_tool(toks):
+    """The default model's template writes neither calls nor schemas; an answer or a user turn that names the tool
+    must not pass for the call or the schema (the name has to appear beyond the messages' own words)."""
+    row = {"messages": [{"role": "user", "content": "Use get_weather for Paris"},
+                        {"role": "assistant", "content": "Calling get_weather now.", "tool_calls": [CALL]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+                        {"role": "assistant", "content": "18C."}]}
+    with pytest.raises(RowError, match="does not render tool calls"):
+        _trained(toks["smollm2"], row)
+    mentioned = {"tools": TOOLS, "messages": [{"role": "user", "content": "Use get_weather for Paris"},
+                                              {"role": "assistant", "content": "Paris is 18C (get_weather)."}]}
+    with pytest.raises(RowError, match="ignores the row's tools"):
+        _trained(toks["smollm2"], mentioned)
+    # with a template that renders both, the same rows train the call and the answers
+    assert _trained(toks["qwen2_5"], {**row, "tools": TOOLS})[0].endswith(HERMES_CALL + "<|im_end|>")
+    assert _trained(toks["qwen2_5"], mentioned) == ["Paris is 18C (get_weather).<|im_end|>"]
+
+
+@pytest.mark.parametrize("where", ["reasoning_content", "thinking", "inline"])
+def test_final_reasoning_under_enable_thinking_false_is_trained_whole_or_not_at_all(toks, where):
+    """Qwen3 with enable_thinking=false writes an empty think block as the generation prompt; a final turn that
+    has reasoning is trained from its own <think>, and train_reasoning=false leaves all of the block out."""
+    answer = {"role": "assistant", "content": "4", where: "two plus two"} if where != "inline" else \
+        {"role": "assistant", "content": "<think>\ntwo plus two\n</think>\n\n4"}
+    row = {"messages": [{"role": "user", "content": "2+2?"}, answer]}
+    kw = {"template_kwargs": {"enable_thinking": False}}
+    assert _trained(toks["qwen3"], row, **kw) == ["<think>\ntwo plus two\n</think>\n\n4<|im_end|>"]
+    assert _trained(toks["qwen3"], row, train_reasoning=False, **kw) == ["4<|im_end|>"]
+
+
+def test_reasoning_keys_and_think_tags_in_an_answer(toks):
+    """``thinking``/``reasoning`` are reasoning_content under other names (checked the same way); with
+    train_reasoning=false only the <think> blocks that open a turn are reasoning, not one an answer talks about."""
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "R"}]}
+    same = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "a", "reasoning_content": "R"}]}
+    assert _trained(toks["chatml"], row) == _trained(toks["chatml"], same) == ["<think>\nR\n</think>\n\na<|im_end|>"]
+    with pytest.raises(RowError, match="leaves out the reasoning_content"):
+        _trained(toks["smollm2"], row)  # SmolLM2's template drops it: not silently untrained
+    with pytest.raises(RowError, match=r"messages\[1\].thinking must be a string"):
+        to_example({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": 7}]})
+    with pytest.raises(RowError, match="different reasoning under reasoning_content and thinking"):
+        to_example({"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a", "reasoning_content": "R", "thinking": "S"}]})
+    talk = {"messages": [{"role": "user", "content": "How do I mark reasoning?"},
+                         {"role": "assistant", "content": "Wrap it in <think>...</think> tags, then answer."}]}
+    assert _trained(toks["chatml"], talk, train_reasoning=False) == \
+        ["Wrap it in <think>...</think> tags, then answer.<|im_end|>"]
+    both = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "<think>one</think><think>two</think>a1"}]}
+    assert _trained(toks["chatml"], both, train_reasoning=False) == ["a1<|im_end|>"]
+
+
+def test_a_row_that_breaks_the_template_or_the_tokenizer_is_a_bad_row_not_a_failed_batch(smol_tok):
+    """A template error other than raise_exception (a TypeError on a value), and a lone UTF-16 surrogate (half an
+    emoji), make that row bad; the rows beside it in the batch are tokenized."""
+    tok = copy.deepcopy(smol_tok)
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{{ m.extra + 1 }}{% endfor %}"
+    good = {"messages": [{"role": "user", "content": "q", "extra": 1}, {"role": "assistant", "content": "a", "extra": 2}]}
+    bad = {"messages": [{"role": "user", "content": "q", "extra": "x"}, {"role": "assistant", "content": "a", "extra": 2}]}
+    out = tokenize_examples([to_example(bad), to_example(good)], tok, 512, loss_on="all")
+    assert isinstance(out[0], RowError) and "template failed on this conversation: TypeError" in str(out[0])
+    assert not isinstance(out[1], Exception) and out[1]["n_tokens"] > 0
+    cut = {"messages": [{"role": "user", "content": "emoji cut \ud83d"}, {"role": "assistant", "content": "ok"}]}
+    out = tokenize_examples([to_example(cut), to_example({"text": "half \ud83d"}), to_example({"text": "fine"})],
+                            smol_tok, 512)
+    assert all(isinstance(o, RowError) and "lone UTF-16 surrogate '\\ud83d'" in str(o) for o in out[:2]), out[:2]
+    assert not isinstance(out[2], Exception)
