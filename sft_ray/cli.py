@@ -203,7 +203,7 @@ def cmd_data_preview(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from sft_ray.modeling import load_for_inference
+    from sft_ray.modeling import load_for_inference, stop_token_ids
 
     model, tok = load_for_inference(args.model_dir, args.trust_remote_code, float32=True)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -211,7 +211,7 @@ def cmd_generate(args) -> int:
     enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, model.generation_config))
     print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return 0
 

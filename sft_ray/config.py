@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: ``train.name=2024`` or ``serve.model_name=123`` is the text the user typed
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Strict):
@@ -37,6 +38,17 @@ class ModelConfig(_Strict):
         None, description="None: the model's own (ChatML added if it has none); 'chatml'; or a Jinja template string"
     )
     attn_implementation: str | None = Field(None, description="None = transformers' default (sdpa)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        """A name that is not 'chatml' would otherwise be taken for a Jinja template that renders itself."""
+        if v is None or "{{" in v or "{%" in v:
+            return v
+        if v.strip().lower() == "chatml":
+            return "chatml"
+        raise ValueError(f"must be 'chatml' or a Jinja chat template (text with {{{{ ... }}}} or {{% ... %}}), "
+                         f"not {v!r}")
 
 
 DEFAULT_EVAL_FRACTION = 0.1
@@ -104,7 +116,10 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0, description="None: derived from rows x epochs")
     num_epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(5e-5, gt=0)
-    lr_scheduler: str = "cosine"
+    # transformers' schedules that need nothing beyond warmup and the step count (cosine_with_min_lr,
+    # warmup_stable_decay and reduce_lr_on_plateau need arguments sft-ray does not pass: refused here, not mid-run)
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
@@ -138,6 +153,27 @@ class TrainConfig(_Strict):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else ([] if v is None else v)
 
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        """Checked here, not when the workers' Trainer starts: transformers' integrations, none, or all."""
+        if not v or set(v) <= {"none", "all"}:
+            return v
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        unknown = [r for r in v if r not in INTEGRATION_TO_CALLBACK and r not in ("none", "all")]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(map(repr, unknown))}; known: none, all, "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        return v
+
+    @model_validator(mode="after")
+    def _constant_has_no_warmup(self) -> "TrainConfig":
+        if self.lr_scheduler == "constant" and self.warmup_ratio > 0 and "warmup_ratio" in self.model_fields_set:
+            raise ValueError("train.lr_scheduler=constant has no warmup, so train.warmup_ratio would be ignored; "
+                             "use lr_scheduler=constant_with_warmup")
+        return self
+
 
 class DeepSpeedConfig(_Strict):
     enabled: bool = True
@@ -147,6 +183,12 @@ class DeepSpeedConfig(_Strict):
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if not self.enabled:
+            ignored = [k for k in ("zero_stage", "offload_optimizer", "offload_params")
+                       if k in self.model_fields_set and getattr(self, k)]
+            if ignored:
+                raise ValueError(f"deepspeed.enabled=false trains without DeepSpeed, so {', '.join(ignored)} would be "
+                                 "ignored; drop them or enable DeepSpeed")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -159,7 +201,21 @@ class LoraSettings(_Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = Field("all-linear", description="'all-linear' or module names")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="'all-linear' or module names (a list, or 'q_proj,v_proj'); a name the model does "
+                                  "not have stops the run")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str] | str) -> list[str] | str:
+        """peft reads a plain string as a regex over full module paths ('q_proj' matches nothing): names are
+        always handed to it as a list."""
+        names = [n.strip() for n in (v.split(",") if isinstance(v, str) else v) if n.strip()]
+        if names == ["all-linear"]:
+            return "all-linear"
+        if not names or "all-linear" in names:
+            raise ValueError(f"'all-linear' or a list of module names, got {v!r}")
+        return names
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (bitsandbytes); CUDA GPUs only")
 
     @model_validator(mode="after")
@@ -196,18 +252,20 @@ class ServeConfig(_Strict):
     api_key_env: str | None = Field(None, description="environment variable holding the API key; unset = no auth")
     max_tokens_limit: int = Field(512, gt=0)
     default_max_tokens: int = Field(128, gt=0)
-    max_batch_size: int = Field(8, gt=0, description="with continuous_batching=false: requests per generate call")
+    max_batch_size: int = Field(8, gt=0, description="with continuous_batching=false: requests per generate call "
+                                                     "(and the autoscaling target per replica)")
     continuous_batching: bool = Field(True, description="every request joins one running batch at a token boundary "
                                                          "(models with a plain KV cache); false: one generate each")
-    max_running: int = Field(32, gt=0, description="requests decoded together; more wait for a slot")
+    max_running: int = Field(32, gt=0, description="requests decoded together; more wait for a slot (with "
+                                                   "continuous batching: the autoscaling target per replica)")
     # long enough for a batch to fill on CPU, where a started batch slows the arrival of the rest
     batch_wait_s: float = Field(0.1, ge=0, description="with continuous_batching=false: how long a batch waits to "
                                                        "fill (max_batch_size)")
     max_body_bytes: int = Field(1_000_000, gt=0)
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, ge=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(1.0, ge=0, description="backend transformers (vLLM places its own engine)")
+    gpus_per_replica: float = Field(0.0, ge=0, description="backend vllm: whole GPUs, its tensor-parallel size")
     base_model: str | None = Field(None, description="base model of a LoRA adapter folder; default: the adapter's own")
     after_train: bool = Field(False, description="sft-ray train: serve the exported model when the run ends")
 
@@ -217,6 +275,9 @@ class ServeConfig(_Strict):
             raise ValueError("serve.max_replicas must be >= serve.min_replicas")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("serve.default_max_tokens must be <= serve.max_tokens_limit")
+        if self.backend == "vllm" and self.gpus_per_replica != int(self.gpus_per_replica):
+            raise ValueError(f"serve.backend=vllm takes whole GPUs per replica (its tensor-parallel size), got "
+                             f"serve.gpus_per_replica={self.gpus_per_replica}")
         return self
 
 
@@ -230,7 +291,7 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     output_dir: str = "runs/local"
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="what transformers.set_seed takes")
     ray_address: str | None = Field(None, description="None: join RAY_ADDRESS/a running cluster, else start local Ray")
     _notes: list[str] = PrivateAttr(default_factory=list)
 

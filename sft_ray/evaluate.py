@@ -30,11 +30,12 @@ class Generator:
         import ray
         from transformers.utils import logging as hf_logging
 
-        from sft_ray.modeling import load_weights
+        from sft_ray.modeling import load_weights, stop_token_ids
 
         hf_logging.disable_progress_bar()
         self.tok = ray.get(tok_ref[0])
         self.model = load_weights(model_dir, self.tok, trust_remote_code, revision=revision)
+        self.stops = stop_token_ids(self.tok)  # from the shared tokenizer: the same stops for both models
         self.device = self.model.device
         self.max_new_tokens = max_new_tokens
 
@@ -49,7 +50,7 @@ class Generator:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
-                temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.tok.eos_token_id,
+                temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=self.stops,
             )
         texts = self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
         return {"i": list(batch["i"]), "answer": [t.strip() for t in texts]}

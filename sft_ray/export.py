@@ -145,7 +145,10 @@ def final_problem(fs, path: str) -> str | None:
     files = _listing(fs, path)
     if FINAL_MARKER not in files:
         return f"no {FINAL_MARKER}"
-    listed = _read_json(fs, f"{path}/{FINAL_MARKER}").get(FILES_KEY, {})  # absent: written by an older sft-ray
+    try:
+        listed = _read_json(fs, f"{path}/{FINAL_MARKER}").get(FILES_KEY, {})  # absent: written by an older sft-ray
+    except (ValueError, AttributeError) as e:  # cut short (an upload that stopped inside it), or not an object
+        return f"{FINAL_MARKER} is unreadable ({type(e).__name__}: {e})"
     for name, size in listed.items():
         problem = _size_problem(files, name, size)
         if problem:
@@ -168,6 +171,8 @@ def export_model(trainer, tok, cfg: Config, dest: Path, rank: int, history: list
     import torch
     from transformers import GenerationConfig
 
+    from sft_ray.modeling import stop_token_ids
+
     probe_ids = torch.tensor([tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]], device=trainer.args.device)
     trainer.model_wrapped.eval()
     with torch.no_grad():  # all ranks: under ZeRO-3 the forward gathers each layer's shards
@@ -175,6 +180,7 @@ def export_model(trainer, tok, cfg: Config, dest: Path, rank: int, history: list
     trainer.save_model(str(dest))
     if rank != 0:
         return dest
+    (dest / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle of this machine's paths: not model
     if cfg.lora.enabled:
         dest = lora_export(dest, cfg, tok)
     torch.save({"input_ids": probe_ids.cpu(), "logits": probe_logits}, dest / PROBE_FILE)
@@ -182,11 +188,13 @@ def export_model(trainer, tok, cfg: Config, dest: Path, rank: int, history: list
     model = trainer.model
     gen = model.generation_config if getattr(model, "generation_config", None) is not None else \
         GenerationConfig.from_model_config(model.config)
-    gen.eos_token_id, gen.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    gen.eos_token_id, gen.pad_token_id = stop_token_ids(tok, gen), tok.pad_token_id
     gen.save_pretrained(str(dest))
     (dest / "train_history.json").write_text(json.dumps(history, indent=1))
     files = {str(p.relative_to(dest)): p.stat().st_size for p in sorted(dest.rglob("*")) if p.is_file()}
-    (dest / FINAL_MARKER).write_text(json.dumps({**final, FILES_KEY: files}))  # last: it vouches for the rest
+    tmp = dest / f".{FINAL_MARKER}.tmp"  # last, and whole or not at all: it vouches for the rest
+    tmp.write_text(json.dumps({**final, FILES_KEY: files}))
+    os.replace(tmp, dest / FINAL_MARKER)
     return dest
 
 

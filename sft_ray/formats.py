@@ -153,10 +153,11 @@ def _check_tool_turns(out: list[dict[str, Any]], what: str) -> None:
     of that turn), there are no more results than calls, and a ``tool_call_id`` names one of the calls."""
     calls: list[dict[str, Any]] | None = None
     answered = 0
+    answered_ids: set[str] = set()
     for i, m in enumerate(out):
         if m["role"] != "tool":
             calls = m.get("tool_calls") if m["role"] == "assistant" else None
-            answered = 0
+            answered, answered_ids = 0, set()
             continue
         if not calls:
             raise RowError(f"{what}[{i}] is a tool result with no tool call before it (the assistant turn before "
@@ -169,6 +170,10 @@ def _check_tool_turns(out: list[dict[str, Any]], what: str) -> None:
         if cid is not None and ids and str(cid) not in ids:
             raise RowError(f"{what}[{i}] answers tool_call_id {cid!r}, which no call before it has "
                            f"(calls: {', '.join(sorted(ids))})")
+        if cid is not None and ids and str(cid) in answered_ids:
+            raise RowError(f"{what}[{i}] answers tool_call_id {cid!r} a second time")
+        if cid is not None:
+            answered_ids.add(str(cid))
 
 
 def _check_messages(messages: Any, what: str = "messages", need_assistant: bool = True) -> list[dict[str, Any]]:

@@ -81,6 +81,10 @@ def base_model(cfg: Config) -> dict[str, Any]:
     hub = _hub_id(name)
     if hub is not None:
         return {"hub_id": hub, "license": _hub_license(hub, cfg.model.revision), "label": hub}
+    if "://" in name:  # object storage: the last part of its path, never credentials or a signed URL's query
+        from sft_ray.sources import shown_uri
+
+        return {"hub_id": None, "license": {}, "label": Path(shown_uri(name)).name, "local": True}
     folder = Path(name).expanduser()
     m = _HF_CACHE_DIR.search(str(folder))  # a snapshot in the Hub cache names its repository
     return {"hub_id": f"{m.group(1)}/{m.group(2)}" if m else None,
@@ -109,10 +113,9 @@ def describe_source(spec: str) -> str:
     if spec.startswith("hf:"):
         return f"a local dataset repository (`{Path(spec[3:].partition(':')[0]).name}`)"
     if "://" in spec:  # object storage: the URI without credentials or query (signed URLs carry secrets there)
-        from urllib.parse import urlsplit
+        from sft_ray.sources import shown_uri
 
-        u = urlsplit(spec)
-        return f"`{u.scheme}://{u.hostname or ''}{u.path}`"
+        return f"`{shown_uri(spec)}`"
     return f"`{Path(spec).name}` (local)"
 
 
@@ -177,7 +180,8 @@ def _recipe(cfg: Config, summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("epochs", f"{plan['epochs']:g}" if "epochs" in plan else f"{t.num_epochs:g}"),
         ("rows per step", f"{plan.get('rows_per_step', t.num_workers * t.per_device_batch_size * t.grad_accum)} = "
                           f"{t.num_workers} workers x {t.per_device_batch_size} rows x grad_accum {t.grad_accum}"),
-        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler} schedule, warmup ratio {t.warmup_ratio:g}"),
+        ("learning rate", f"{t.learning_rate:g}, {t.lr_scheduler} schedule, "
+                          + ("no warmup" if t.lr_scheduler == "constant" else f"warmup ratio {t.warmup_ratio:g}")),
         ("weight decay / max grad norm", f"{t.weight_decay:g} / {t.max_grad_norm:g}"),
         ("DeepSpeed", zero),
         ("fine-tuning", tuning),

@@ -133,6 +133,9 @@ def download_model(uri: str) -> Path:
     import pyarrow.fs as pafs
 
     from sft_ray.export import FINAL_MARKER, UPLOADING, final_problem
+    from sft_ray.sources import shown_uri
+
+    shown = shown_uri(uri)  # errors and logs never carry the URI's credentials or query
 
     def listing(fs, root: str) -> dict[str, int]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -143,29 +146,29 @@ def download_model(uri: str) -> Path:
     try:
         fs, root = pafs.FileSystem.from_uri(uri.rstrip("/"))
         if fs.get_file_info(root).type != pafs.FileType.Directory:
-            raise ModelError(f"{uri}: no model folder there")
+            raise ModelError(f"{shown}: no model folder there")
         remote = listing(fs, root)
         if UPLOADING in remote:
-            raise ModelError(f"{uri}: not a complete model folder (an export to it is under way or was cut short: "
+            raise ModelError(f"{shown}: not a complete model folder (an export to it is under way or was cut short: "
                              f"{UPLOADING} is there)")
         marked = FINAL_MARKER in remote
         problem = final_problem(fs, root) if marked else None
         if problem:
-            raise ModelError(f"{uri}: not a complete model folder ({problem})")
+            raise ModelError(f"{shown}: not a complete model folder ({problem})")
         if dest.is_dir() and listing(local, str(dest)) == remote:
             return dest
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)
         pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=local)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{uri}: cannot download the model folder: {e}") from None
+        raise ModelError(f"{shown}: cannot download the model folder: {e}") from None
     problem = final_problem(local, str(tmp)) if marked else None
     if problem or listing(local, str(tmp)) != remote:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"{uri}: the copy is incomplete ({problem or 'its files differ from the stored ones'})")
+        raise ModelError(f"{shown}: the copy is incomplete ({problem or 'its files differ from the stored ones'})")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    log.info("downloaded %s to %s", uri, dest)
+    log.info("downloaded %s to %s", shown, dest)
     return dest
 
 
@@ -232,10 +235,10 @@ def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = Fa
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    if quantize_4bit:  # QLoRA: frozen NF4 base weights, computed in bf16
+    if quantize_4bit:  # QLoRA: frozen NF4 base weights, computed in the run's precision
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if precision == "bf16" else torch.float16
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)  # as asked
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
@@ -250,8 +253,44 @@ def load_model(model_cfg, tok, precision: str = "fp32", quantize_4bit: bool = Fa
     model.config.pad_token_id = tok.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.eos_token_id = stop_token_ids(tok, model.generation_config)
     return model
+
+
+def check_target_modules(model, target_modules: list[str] | str) -> None:
+    """Every module name in ``lora.target_modules`` is one the model has: peft silently skips a name that
+    matches nothing when another matches, and a typo would train fewer layers than the config says."""
+    if isinstance(target_modules, str):  # 'all-linear'
+        return
+    have = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in have]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if type(m).__name__ == "Linear" and name})
+        raise ValueError(f"lora.target_modules names {', '.join(map(repr, missing))}, which this model does not "
+                         f"have; its linear layers: {', '.join(linear)} (or 'all-linear')")
+
+
+def stop_token_ids(tok, generation_config=None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS, the model's generation-config EOS (one id or a list:
+    Gemma's ``<eos>`` and ``<end_of_turn>``, Llama 3's ``<|eot_id|>``), and the chat template's end-of-turn
+    token when it is one token. Chat rows are trained to end with the template's end-of-turn text, not always
+    the tokenizer's EOS: a model that was not told to stop there would run on to max_tokens."""
+    ids: set[int] = set()
+    gen_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for t in [tok.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])]:
+        if t is not None:
+            ids.add(int(t))
+    try:
+        from sft_ray.template import _probe_turn
+
+        eot = _probe_turn(tok, {})[1]
+        eot_ids = tok(eot, add_special_tokens=False)["input_ids"] if eot else []
+        if len(eot_ids) == 1 and eot_ids[0] in tok.all_special_ids + list(tok.added_tokens_decoder):
+            ids.add(int(eot_ids[0]))
+    except Exception:  # a template that cannot render the probe: the EOS ids above
+        pass
+    return sorted(ids)
 
 
 def is_model_dir(path: str) -> bool:

@@ -28,6 +28,17 @@ class SourceError(ValueError):
 OTHER_COMPRESSION = (".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip", ".7z")  # not read: refused by name
 
 
+def shown_uri(uri: str) -> str:
+    """A URI as logs, errors and model cards may show it: scheme, host and path, without the user info or the
+    query, where credentials and signed-URL secrets travel (``s3://b/p?access_key=...&secret_key=...``)."""
+    if "://" not in uri:
+        return uri
+    from urllib.parse import urlsplit
+
+    u = urlsplit(uri)
+    return f"{u.scheme}://{u.hostname or ''}{u.path}"
+
+
 def _kind(path: str) -> str | None:
     """File type by extension (any case: ``DATA.JSONL`` too); ``.arrow`` only inside a saved dataset (read via
     its folder)."""

@@ -263,6 +263,8 @@ def _assistant_char_spans(tok, ex: Example, targets: list[int], full: str, kwarg
     """Character spans [start, end) of ``full`` to train: each target assistant turn as the template wrote it."""
     msgs = ex.messages or []
     last_assistant = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+    if any(m["role"] == "user" for m in msgs[last_assistant:]):
+        last_assistant = -1  # a user turn after it: templates may drop its reasoning like any earlier turn's (Qwen3)
     spans = []
     for i in targets:
         start = _turn_start(tok, msgs, i, full, kwargs)

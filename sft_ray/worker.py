@@ -305,7 +305,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     from transformers import PrinterCallback
 
     from sft_ray import deepspeed as ds_setup
-    from sft_ray.modeling import choose_precision, load_model, load_tokenizer
+    from sft_ray.modeling import check_target_modules, choose_precision, load_model, load_tokenizer
 
     _quiet_logs()
     cfg = Config.model_validate(loop_cfg["cfg"])
@@ -315,9 +315,14 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     collectives.install_guard_from_env(rank)
 
     # set up: device, precision, DeepSpeed's adoption of Ray Train's process group
-    on_gpu = torch.cuda.is_available()
+    # what Ray Train gave this worker, not what the node has: with train.use_gpu=false on a GPU node the GPUs
+    # are still visible (Ray 2.60 no longer hides them from a worker given none), and the run stays on the CPU
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
     if on_gpu:
-        torch.cuda.set_device(ray.train.torch.get_device())
+        torch.cuda.set_device(device)
+    else:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks one (it is first imported below)
     precision = choose_precision(cfg.train.precision)
     fused = on_gpu if cfg.train.fused_lm_head == "auto" else cfg.train.fused_lm_head
     if rank == 0:
@@ -358,6 +363,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     if cfg.lora.enabled:
         from peft import LoraConfig
 
+        check_target_modules(model, cfg.lora.target_modules)
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     layout = Layout(tok.pad_token_id, cfg.data.packing, cfg.data.max_length,

@@ -142,6 +142,10 @@ def test_final_model_whose_upload_was_cut_short_is_not_finished(tmp_path):
     assert is_final(f) and final_metrics(f) == {"loss": 1.5}
     (f / "model.safetensors").write_bytes(b"w" * 20)
     assert final_problem(pafs.LocalFileSystem(), str(f)) == "model.safetensors is 20 bytes, not 50"
+    for cut in ('{"loss": 1.5, "fi', "", "[]"):  # an upload that stopped inside the marker: not finished, no crash
+        (f / FINAL_MARKER).write_text(cut)
+        assert final_problem(pafs.LocalFileSystem(), str(f)).startswith(f"{FINAL_MARKER} is unreadable")
+    (f / FINAL_MARKER).write_text(json.dumps({"loss": 1.5, FILES_KEY: {"model.safetensors": 50}}))
     (f / "model.safetensors").unlink()
     assert not is_final(f)
     with pytest.raises(RuntimeError, match="not a finished model: model.safetensors is missing"):

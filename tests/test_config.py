@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from sft_ray.config import ConfigError, load_config
@@ -31,6 +33,14 @@ def test_single_string_becomes_list():
         ("data.on_bad_rows=ignore", "data.on_bad_rows: Input should be 'error' or 'skip'"),
         ("deepspeed.offload_params=true", "offload_params needs deepspeed.zero_stage=3"),
         ("train.max_steps", "is not key=value"),
+        # accepted before and then ignored or misapplied: refused here, on the driver, before Ray starts
+        ("model.chat_template=qwen", "model.chat_template: Value error, must be 'chatml' or a Jinja chat template"),
+        ("train.lr_scheduler=cosin", "train.lr_scheduler: Input should be 'linear', 'cosine'"),
+        ("train.lr_scheduler=cosine_with_min_lr", "train.lr_scheduler: Input should be"),
+        ("train.report_to=tensorbord", "unknown 'tensorbord'; known: none, all,"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        ("seed=4294967296", "seed: Input should be less than 4294967296"),
+        ("lora.target_modules=[all-linear, q_proj]", "'all-linear' or a list of module names"),
     ],
 )
 def test_errors_name_the_key(override, needle):
@@ -107,3 +117,35 @@ def test_run_identity_ignores_only_result_free_keys():
     assert identity.differences(older, a) == []
     off = identity.make(load_config(None, ["data.train_reasoning=false"]), "d1", 10)
     assert identity.differences(older, off) == ["data.train_reasoning: null -> false"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["deepspeed.enabled=false", "deepspeed.zero_stage=3"], "deepspeed.enabled=false trains without DeepSpeed, so "
+                                                             "zero_stage would be ignored"),
+    (["deepspeed.enabled=false", "deepspeed.zero_stage=3", "deepspeed.offload_params=true"],
+     "so zero_stage, offload_params would be ignored"),
+    (["train.lr_scheduler=constant", "train.warmup_ratio=0.1"], "constant has no warmup"),
+    (["serve.backend=vllm", "serve.gpus_per_replica=0.5"], "takes whole GPUs per replica"),
+])
+def test_combinations_that_would_be_ignored_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, overrides)
+
+
+def test_values_are_what_the_user_typed():
+    """A template named in any case is ChatML; module names as one string are a list (peft would read the string
+    as one regex); a number typed for a text key is that text; ZeRO settings left alone with DeepSpeed off."""
+    cfg = load_config(None, ["model.chat_template=ChatML", "lora.target_modules=q_proj, v_proj", "train.name=2024",
+                             "serve.model_name=123", "deepspeed.enabled=false"])
+    assert cfg.model.chat_template == "chatml" and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.name == "2024" and cfg.serve.model_name == "123" and not cfg.deepspeed.enabled
+    assert load_config(None, ["lora.target_modules=[all-linear]"]).lora.target_modules == "all-linear"
+    assert load_config(None, ["model.chat_template={{ messages }}"]).model.chat_template == "{{ messages }}"
+
+
+def test_vllm_gets_its_gpus_and_batch_from_serve_keys():
+    from sft_ray.serve.deploy import vllm_engine_kwargs
+
+    sc = load_config(None, ["serve.backend=vllm", "serve.gpus_per_replica=2", "serve.max_running=48"]).serve
+    assert vllm_engine_kwargs(sc) == {"trust_remote_code": False, "max_num_seqs": 48, "tensor_parallel_size": 2}
+    assert vllm_engine_kwargs(load_config(None, ["serve.backend=vllm"]).serve, True)["tensor_parallel_size"] == 1

@@ -235,3 +235,12 @@ def test_object_storage_sources_are_named_without_credentials():
 
     text = describe_source("s3://AKIAEXAMPLE:s3cr3t@bucket/data/*.jsonl?X-Amz-Signature=abc123")
     assert text == "`s3://bucket/data/*.jsonl`"
+
+
+def test_a_base_model_in_object_storage_is_named_without_credentials():
+    from sft_ray.config import load_config
+    from sft_ray.model_card import base_model
+
+    cfg = load_config(None, ["model.name=s3://bucket/models/m7?access_key=AKIAEXAMPLE&secret_key=TOPSECRET"])
+    info = base_model(cfg)
+    assert info["label"] == "m7" and "SECRET" not in json.dumps(info) and "AKIA" not in json.dumps(info)

@@ -172,6 +172,9 @@ def test_tool_call_shapes_are_normalised(toks):
      r"messages\[3\] is a tool result with no tool call before it"),
     (lambda r: r["messages"][3].update(tool_call_id="c9"), r"answers tool_call_id 'c9', which no call before it has"),
     (lambda r: r["messages"].insert(4, {"role": "tool", "content": "again"}), r"tool result 2 for 1 tool call"),
+    (lambda r: (r["messages"][2].update(tool_calls=[CALL, {**CALL, "id": "c2"}]),
+                r["messages"].insert(4, {"role": "tool", "tool_call_id": "c1", "content": "19C"})),
+     r"messages\[4\] answers tool_call_id 'c1' a second time"),
     (lambda r: r.update(tools="[{not json"), r"tools is not valid JSON"),
     (lambda r: r.update(tools=[{"description": "no name"}]), r"tools\[0\] is not a function schema with a name"),
     (lambda r: r["messages"][4].update(reasoning_content=7), r"reasoning_content must be a string"),
@@ -342,3 +345,12 @@ def test_a_row_that_breaks_the_template_or_the_tokenizer_is_a_bad_row_not_a_fail
                             smol_tok, 512)
     assert all(isinstance(o, RowError) and "lone UTF-16 surrogate '\\ud83d'" in str(o) for o in out[:2]), out[:2]
     assert not isinstance(out[2], Exception)
+
+
+def test_a_row_ending_in_a_user_turn_is_not_held_to_its_last_reasoning(toks):
+    """Qwen3 drops the reasoning of every assistant turn before the last user message, the final one included
+    when a user turn ends the row: trained without it, not refused."""
+    row = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a", "reasoning_content": "R1"},
+                        {"role": "user", "content": "and?"}]}
+    assert _trained(toks["qwen3"], row) == ["a<|im_end|>"]

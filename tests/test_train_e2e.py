@@ -53,7 +53,9 @@ def test_train_checkpoint_export(tmp_path, tiny_model_dir, stage, request):
     # the export is a normal HF folder that reproduces the trained model exactly
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    assert not (model_dir / "training_args.bin").exists()  # the Trainer's pickle of this machine's paths
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id  # it stops there
     probe = torch.load(model_dir / PROBE_FILE)
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits

@@ -33,7 +33,9 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
     }
     if serve_cfg.max_replicas > serve_cfg.min_replicas:
         options["autoscaling_config"] = {"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
-                                         "target_ongoing_requests": serve_cfg.max_batch_size}
+                                         # a replica's capacity: its running batch, or one generate call
+                                         "target_ongoing_requests": serve_cfg.max_running if serve_cfg.continuous_batching
+                                         else serve_cfg.max_batch_size}
     else:
         options["num_replicas"] = serve_cfg.min_replicas
     return OpenAIServer.options(**options).bind(model_dir, settings.__dict__)
@@ -50,7 +52,12 @@ def app_builder(args: dict[str, str]):
 
     args = dict(args)
     model_dir = args.pop("model_dir")
-    trust = str(args.pop("trust_remote_code", "false")).lower() == "true"
+    from pydantic import TypeAdapter, ValidationError
+
+    try:  # true/false, yes/no, 1/0 as YAML and pydantic read them; anything else is refused, not taken for false
+        trust = TypeAdapter(bool).validate_python(args.pop("trust_remote_code", False))
+    except ValidationError:
+        raise ValueError("args.trust_remote_code must be true or false") from None
     cfg = ServeConfig.model_validate(args)
     key = api_key_from_env(cfg)
     if cfg.backend == "vllm":
@@ -102,6 +109,12 @@ def guard_options(serve_cfg, api_key: str | None) -> dict[str, Any]:
             "default_max_tokens": serve_cfg.default_max_tokens}
 
 
+def vllm_engine_kwargs(serve_cfg, trust_remote_code: bool = False) -> dict[str, Any]:
+    """vLLM's engine settings from ``serve.*``: its batch (max_running) and its GPUs per replica (tensor parallel)."""
+    return {"trust_remote_code": trust_remote_code, "max_num_seqs": serve_cfg.max_running,
+            "tensor_parallel_size": max(1, int(serve_cfg.gpus_per_replica))}
+
+
 def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: str | None = None):
     """GPU clusters: vLLM through ray.serve.llm (``pip install sft-ray[vllm]``). ``build_openai_app`` wired by hand,
     as ray.serve.llm documents for a custom ingress, so that its FastAPI app gets ``Guard`` in front: the key,
@@ -129,7 +142,7 @@ def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_k
     llm = LLMConfig(
         model_loading_config={"model_id": serve_cfg.model_name or Path(model_dir).name, "model_source": model_dir},
         deployment_config=deployment,
-        engine_kwargs={"trust_remote_code": trust_remote_code, "max_num_seqs": serve_cfg.max_running},
+        engine_kwargs=vllm_engine_kwargs(serve_cfg, trust_remote_code),
     )
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
     return serve.deployment(ingress, **OpenAiIngress.get_deployment_options([llm])).bind(

@@ -117,7 +117,7 @@ class Engine:
                  continuous: bool = True, max_running: int = 32):
         import torch
 
-        from sft_ray.modeling import load_for_inference
+        from sft_ray.modeling import load_for_inference, stop_token_ids
 
         self.torch = torch
         self.model, self.tok = load_for_inference(model_dir, trust_remote_code, base_model)
@@ -125,10 +125,7 @@ class Engine:
         cfg = self.model.config.get_text_config()
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))
         self.vocab_size = int(getattr(cfg, "vocab_size", None) or len(self.tok))  # the logits' width
-        self.eos_ids = {self.tok.eos_token_id}
-        gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.eos_ids.discard(None)
+        self.eos_ids = set(stop_token_ids(self.tok, self.model.generation_config))
         self._added = set(self.tok.added_tokens_decoder)
         try:
             from transformers.convert_slow_tokenizer import bytes_to_unicode
