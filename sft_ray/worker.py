@@ -340,14 +340,15 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     stored, from_storage = loop_cfg.get("stored_checkpoint"), False
     if stored is not None and (checkpoint is None or export.step_of(checkpoint.path) < stored["step"]):
         checkpoint, from_storage = stored["checkpoint"], True  # newer than Ray Train's record of the run
-    resume_dir = None
+    resume_dir, step = None, 0
+    if checkpoint is not None and export.final_problem(checkpoint.filesystem, checkpoint.path) is None:
+        # the run had finished (a restart after the final report): Ray Train's latest checkpoint is the final
+        # model already. Reporting it again would register the same folder twice, and the older entry's
+        # eviction (keep_checkpoints) would delete the folder both point to
+        shutil.rmtree(local, ignore_errors=True)
+        return
     if checkpoint is not None:
         resume_dir = Path(checkpoint.to_directory(str(local / "resume")))
-        if export.is_final(resume_dir):  # the run had finished (a restart after the final report): same model
-            ray.train.report(export.final_metrics(resume_dir),
-                             checkpoint=ray.train.Checkpoint.from_directory(str(resume_dir)) if rank == 0 else None,
-                             checkpoint_dir_name=export.FINAL_DIR)
-            return
         step = export.check_checkpoint(resume_dir, world, cfg)
         if rank == 0:
             where = "; found in storage, not yet in Ray Train's record of the run" if from_storage else ""
@@ -371,6 +372,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     train_stream = TrainStream(ray.train.get_dataset_shard(loop_cfg["train_dataset"].format(rank=rank)), plan,
                                cfg.train.per_device_batch_size, cfg.train.grad_accum, layout,
                                cfg.data.shuffle_buffer, cfg.seed)
+    if step >= plan.max_steps:
+        # the last step's checkpoint (the Trainer always saves it) and a stop before the export: the Trainer would
+        # start another epoch from the first row and train a step past the end; it loads the checkpoint, finds
+        # no batch, and the run goes on to its eval and export
+        train_stream = []
     eval_stream = (EvalStream(ray.train.get_dataset_shard("eval"), cfg.train.per_device_batch_size,
                               tok.pad_token_id) if plan.has_eval else None)
     datasets.disable_caching()
@@ -399,8 +405,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         if found is None:
             raise
         raise DataError(found) from e
-    final = {**report.latest, "step": trainer.state.global_step, "precision": precision}  # (for the model card)
-    evaluated_last_step = bool(eval_steps) and trainer.state.global_step % eval_steps == 0 and "eval_loss" in report.latest
+    restored = {k: h[k] for h in trainer.state.log_history for k in ("loss", "eval_loss") if k in h}  # (resumed)
+    final = {**restored, **report.latest, "step": trainer.state.global_step, "precision": precision}  # (model card)
+    # transformers evaluates at the last step whenever eval_steps is set (DefaultFlowCallback): not again here
+    evaluated_last_step = bool(eval_steps) and "eval_loss" in report.latest
     if eval_stream is not None and not evaluated_last_step:  # (the last step's eval is the final one)
         final.update(trainer.evaluate())
     final.update(peak_memory())

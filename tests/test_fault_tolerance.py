@@ -97,6 +97,7 @@ def _worker_pids() -> list[int]:
 
 
 _REFERENCES: dict[str, tuple] = {}
+_REFERENCE_DIRS: dict[str, Path] = {}
 
 
 def _reference(config: str, tmp_path_factory, tiny_model_dir):
@@ -114,6 +115,7 @@ def _reference(config: str, tmp_path_factory, tiny_model_dir):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert sorted(trace) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
     _REFERENCES[config] = (losses, trace, _tokens(out))
+    _REFERENCE_DIRS[config] = out
     return _REFERENCES[config]
 
 
@@ -200,3 +202,32 @@ def test_driver_stopped_then_restarted_resumes(tmp_path, tmp_path_factory, tiny_
     assert resumed >= SAVE
     assert "found in storage, not yet in Ray Train's record" in text, text[-3000:]
     _check_resumed(tmp_path, reference, resumed)
+
+
+def test_a_stop_after_the_last_checkpoint_exports_without_training_past_the_end(tmp_path, tmp_path_factory,
+                                                                                 tiny_model_dir):
+    """The Trainer saves the last step's checkpoint before the run's eval and export; a run stopped in between
+    (its final model never written, Ray's record of the run gone) resumes at step max_steps. It must load that
+    checkpoint and export it, not start another epoch and train a step past the end on rows already trained."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    ref_losses, _, _ = _reference("default", tmp_path_factory, tiny_model_dir)
+    ref = _REFERENCE_DIRS["default"]
+    store = tmp_path / "store"
+    shutil.copytree(ref / "store", store)
+    shutil.rmtree(store / "ft" / "final_model")
+    (store / "ft" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    log = tmp_path / "log.txt"
+    proc = _start(_cmd(tmp_path, tiny_model_dir, "default", f"train.storage_path=file://{store}"), log)
+    _finish(proc, log)
+    assert f"resuming from checkpoint at step {STEPS} " in log.read_text(), log.read_text()[-3000:]
+    assert _trace(tmp_path) == {}  # no step trained
+    metrics = json.loads((tmp_path / "train_summary.json").read_text())["metrics"]
+    assert metrics["step"] == STEPS and abs(metrics["loss"] - ref_losses[STEPS]) < 1e-6, metrics
+    mine, theirs = load_file(tmp_path / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-3)

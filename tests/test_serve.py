@@ -216,6 +216,8 @@ def test_auth(server):
          400, "invalid_value"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"hello": 1}},
          400, "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"\u00b2": 1}},
+         400, "invalid_value"),  # "²".isdigit() is true, int("²") fails
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}},
          400, "invalid_value"),
     ],
@@ -375,3 +377,43 @@ def test_penalties_logit_bias_and_the_other_fields_clients_send(server, local_mo
                                            messages=[*messages, system.choices[0].message,
                                                      {"role": "user", "content": "And one more?"}])
     assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_stop_string_split_across_streamed_pieces_is_never_sent(server, local_model):
+    """The stream holds back text that may begin a stop string: a stop that spans two tokens gives the same text,
+    usage and log-probabilities streamed as not; a vanishing temperature is answered greedily."""
+    from itertools import accumulate
+
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    # penalties: the tiny random model's greedy answer is one token repeated; these make it varied
+    base = dict(model="tiny", messages=messages, max_tokens=16, temperature=0, presence_penalty=2.0,
+                frequency_penalty=2.0)
+    ref = client.chat.completions.create(**base, logprobs=True)
+    full_text = ref.choices[0].message.content
+    toks = [e.token for e in ref.choices[0].logprobs.content]
+    assert "".join(toks) == full_text, (toks, full_text)
+    ends = list(accumulate(len(t) for t in toks))
+
+    def spanning(k):  # the last character of token k-1 and the first of token k, found there first
+        cut = ends[k - 1]
+        stop = full_text[cut - 1:cut + 1]
+        ok = toks[k - 1] and toks[k] and len(stop) == 2 and full_text.find(stop) == cut - 1
+        return (cut, stop) if ok else None
+
+    cut, stop = next(filter(None, (spanning(k) for k in range(1, len(toks)))))
+    kw = dict(base, stop=[stop], logprobs=True)
+    whole = client.chat.completions.create(**kw)
+    assert whole.choices[0].message.content == full_text[:cut - 1] and whole.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content, (streamed, whole.choices[0].message.content, stop)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    entries = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert entries == [e.token for e in whole.choices[0].logprobs.content]
+
+    ids = _chat_ids(tok, messages)
+    tiny_t = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1e-40)
+    assert tiny_t.choices[0].message.content == tok.decode(_greedy_ids(tok, model, ids, 6), skip_special_tokens=True)

@@ -216,3 +216,39 @@ def test_penalties_and_logit_bias_follow_openais_rule_on_both_paths(engine, tiny
         assert got[0].text == engine._finish(a, want_a).text != plain
         assert got[1].text == engine.tok.decode([forced] * 12)  # +100: the biased token every time
         assert got[2].text == _alone_greedy(engine, c.input_ids, 12)  # its neighbours' settings do not leak
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_failed_batch(engine):
+    """temperature=1e-40 would overflow logits / temperature to inf and fail every request in the batch with a
+    NaN draw; below 1e-5 it is greedy."""
+    tiny = _req(engine, "Count to three, please, slowly.", temperature=1e-40)
+    out = engine.generate([tiny, _req(engine, "hi", temperature=1.0, seed=1)])
+    assert out[0].text == _alone_greedy(engine, tiny.input_ids, tiny.max_tokens)
+
+
+def test_finish_reason_follows_the_requests_own_max_tokens(engine):
+    """In a batch that generates to its longest request, a shorter one whose next token would have been EOS still
+    ended by its length."""
+    eos = min(engine.eos_ids)
+    ids = engine.tok("one two three", add_special_tokens=False)["input_ids"]
+    r = GenRequest([1], len(ids), 0.0, 1.0, (), None)
+    assert engine._finish(r, ids + [eos, 5, 6]).finish_reason == "length"
+    assert engine._finish(r, ids[:-1] + [eos, 5, 6]).finish_reason == "stop"
+
+
+def test_a_template_that_refuses_the_messages_is_the_requests_fault(tiny_model_dir):
+    """A chat template's raise_exception (roles that do not alternate, a system turn it has no place for) is a
+    400 with the template's words, not a 500."""
+    from types import SimpleNamespace
+
+    from sft_ray.serve.app import OpenAIServer
+    from sft_ray.serve.protocol import APIError
+
+    eng = Engine(str(tiny_model_dir), continuous=False)
+    eng.tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role "
+                             "not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    server = SimpleNamespace(engine=eng)
+    with pytest.raises(APIError) as e:
+        OpenAIServer.func_or_class._chat_ids(server, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+    assert e.value.status == 400 and "System role not supported" in e.value.message and e.value.param == "messages"
+    assert OpenAIServer.func_or_class._chat_ids(server, [{"role": "user", "content": "y"}])

@@ -89,6 +89,8 @@ def test_the_rules_hold_under_a_route_prefix(url):
 @pytest.mark.parametrize("body, status, code", [
     ({"model": "m", "max_tokens": 65}, 400, "max_tokens_too_large"),
     ({"model": "m", "max_completion_tokens": 1000}, 400, "max_tokens_too_large"),
+    ({"model": "m", "max_tokens": "100000"}, 400, "invalid_value"),  # vLLM's lax parsing would read it as 100000
+    ({"model": "m", "max_tokens": 100000.0}, 400, "invalid_value"),
     ({"model": "m", "x": "y" * 30000}, 413, "request_too_large"),
     (b'{"model": "m", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400, "invalid_json"),
 ])

@@ -209,7 +209,6 @@ class OpenAIServer:
         pieces, thread, result = self._start_stream(gen, cancelled)
         self.active_streams += 1
         sent = ""
-        piece = ""
         finish = "length"
         completed = False
         given = 0  # tokens whose log-probabilities have been sent
@@ -224,18 +223,32 @@ class OpenAIServer:
         try:
             if kind == "chat":
                 yield self._chunk(cid, kind, model, None)
+            held: list[tuple[str, int | None]] = []  # pieces not sent yet: their text may begin a stop string
             async for piece, n in pieces:
                 if not piece:
                     continue
-                stop_at = min(((sent + piece).find(s) for s in gen.stop if s and s in sent + piece), default=-1)
-                if stop_at >= 0:
-                    piece, finish = (sent + piece)[len(sent):stop_at], "stop"
-                    if piece:
-                        yield self._chunk(cid, kind, model, piece, None, lps(n), offset + len(sent))
+                held.append((piece, n))
+                whole = sent + "".join(p for p, _ in held)
+                stop_at = min((whole.find(s) for s in gen.stop if s and s in whole), default=-1)
+                if stop_at >= 0:  # the text up to it, with the tokens up to the one that completes that text
+                    upto, end = None, len(sent)
+                    for p, k in held:
+                        upto, end = k, end + len(p)
+                        if end >= stop_at:
+                            break
+                    if stop_at > len(sent):
+                        yield self._chunk(cid, kind, model, whole[len(sent):stop_at], None, lps(upto),
+                                          offset + len(sent))
+                    sent, finish = whole[:stop_at], "stop"
                     cancelled.set()
                     break
-                yield self._chunk(cid, kind, model, piece, None, lps(n), offset + len(sent))
-                sent += piece
+                if not any(whole.endswith(s[:k]) for s in gen.stop if s for k in range(1, len(s))):
+                    yield self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
+                    sent, held = whole, []
+            if held and finish != "stop":  # the end came while text was held back for a stop string that never came
+                whole = sent + "".join(p for p, _ in held)
+                yield self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
+                sent = whole
             if finish != "stop":
                 await asyncio.to_thread(thread.join, 30)
                 if "error" in result:
@@ -243,7 +256,7 @@ class OpenAIServer:
                 done = self.engine._finish(gen, result.get("ids", []))
                 finish, n_completion = done.finish_reason, done.completion_tokens
             else:
-                n_completion = await asyncio.to_thread(self.engine.count_tokens, sent + piece)
+                n_completion = await asyncio.to_thread(self.engine.count_tokens, sent)
             yield self._chunk(cid, kind, model, "" if kind == "text" else None, finish)
             if with_usage:
                 counts = usage(len(gen.input_ids), n_completion)
@@ -303,7 +316,18 @@ class OpenAIServer:
         self._check_auth(request)
         req = await self._body(request, ChatRequest)
         messages = [m.as_template_dict(f"messages[{i}]") for i, m in enumerate(req.messages)]
-        return await self._answer(req, "chat", await asyncio.to_thread(self.engine.chat_ids, messages))
+        return await self._answer(req, "chat", await asyncio.to_thread(self._chat_ids, messages))
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's ids; what the model's chat template refuses (raise_exception: roles that do not
+        alternate, a system turn it has no place for) is the request's fault, a 400 with the template's words."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.engine.chat_ids(messages)
+        except TemplateError as e:
+            raise APIError(400, f"the model's chat template refused these messages: {e}", "invalid_value",
+                           "messages") from None
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):

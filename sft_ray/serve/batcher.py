@@ -259,6 +259,8 @@ class ContinuousBatcher:
 
     def _end(self, row: _Row, error: Exception | None) -> None:
         h = row.handle
+        if h.done.is_set():  # ended already (a failure after some rows finished in the same step)
+            return
         if error is not None:
             h.result["error"] = error
         else:

@@ -48,6 +48,10 @@ def logprobs_of(torch, logits, chosen: list[int], ks: list[int | None]) -> list[
     return out
 
 
+# below this a temperature is greedy: logits / 1e-40 overflow to inf, and a NaN draw would fail the whole batch
+MIN_TEMPERATURE = 1e-5
+
+
 class _RowSampler:
     """A logits processor that makes each row's choice itself: the argmax for a greedy row, else a sample from the
     row's tempered, top-p-filtered distribution drawn with the row's own generator; a row's ``logit_bias`` and
@@ -63,7 +67,7 @@ class _RowSampler:
         self.bias = []  # per row: (token ids, biases) tensors, or None
         for r in reqs:
             g = None
-            if r.temperature > 0:
+            if r.temperature >= MIN_TEMPERATURE:
                 g = torch.Generator(device=device)  # on the logits' device: CUDA sampling needs a CUDA generator
                 g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
             self.generators.append(g)
@@ -151,6 +155,11 @@ class Engine:
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids as text, the same way for answers and streams (no clean-up of spaces: it would rewrite
+        text already streamed)."""
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def text_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt, add_special_tokens=True)["input_ids"]
 
@@ -164,7 +173,7 @@ class Engine:
         kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=sorted(self.eos_ids), do_sample=False, temperature=None, top_p=None,
                                   top_k=None)
-        if any(r.temperature > 0 or r.adjusts() for r in reqs):
+        if any(r.temperature >= MIN_TEMPERATURE or r.adjusts() for r in reqs):
             kw["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device, self.torch, prompt_width)])
         return kw
 
@@ -190,14 +199,13 @@ class Engine:
     def _finish(self, r: GenRequest, ids: list[int], lps: list[TokenLogprob] | None = None) -> GenResult:
         """Cut at end-of-sequence, the request's own max_tokens, and its stop strings (log-probabilities with
         the tokens they belong to: up to the one that completes the text, after a stop string)."""
+        ids = ids[: r.max_tokens]  # a batch's generate runs to its longest request: this one ends at its own limit
         reason = "length"
         for i, t in enumerate(ids):
             if t in self.eos_ids:
                 ids, reason = ids[:i], "stop"
                 break
-        if len(ids) >= r.max_tokens:
-            ids, reason = ids[: r.max_tokens], "length" if reason != "stop" or len(ids) > r.max_tokens else reason
-        text = self.tok.decode(ids, skip_special_tokens=True)
+        text = self.decode(ids)
         n = len(ids)
         kept = n
         cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
@@ -206,7 +214,7 @@ class Engine:
             n = self.count_tokens(text)
             if r.logprobs is not None:
                 kept = next((k for k in range(len(ids) + 1)
-                             if len(self.tok.decode(ids[:k], skip_special_tokens=True)) >= len(text)), len(ids))
+                             if len(self.decode(ids[:k])) >= len(text)), len(ids))
         return GenResult(text=text, prompt_tokens=len(r.input_ids), completion_tokens=n, finish_reason=reason,
                          logprobs=None if r.logprobs is None else list(lps or [])[:kept])
 
@@ -252,7 +260,8 @@ class Engine:
             def __call__(self, input_ids, scores, **kw):
                 return cancelled.is_set()
 
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
         ids = torch.tensor([r.input_ids], device=self.device)
         kwargs = self._gen_kwargs([r], r.max_tokens, len(r.input_ids))
         result: dict[str, Any] = {}
@@ -305,7 +314,7 @@ class _Detok:
     def add(self, token: int | None) -> str:
         if token is not None:
             self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if (token is not None and text.endswith("\ufffd")) or not text.startswith(self.sent):
             return ""
         piece, self.sent = text[len(self.sent):], text

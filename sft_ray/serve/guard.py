@@ -115,10 +115,11 @@ class Guard:
             return body
         if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             raise APIError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep", "invalid_json")
-        asked = [v for v in (data.get("max_tokens"), data.get("max_completion_tokens")) if v is not None]
-        for v in asked:
-            if isinstance(v, int) and not isinstance(v, bool):
-                check_max_tokens(v, self.max_tokens_limit)
+        asked = {k: data[k] for k in ("max_tokens", "max_completion_tokens") if data.get(k) is not None}
+        for k, v in asked.items():
+            if not isinstance(v, int) or isinstance(v, bool):  # "100000" or 1e5 would pass lax parsing behind
+                raise APIError(400, f"{k} must be an integer, got {json.dumps(v)}", "invalid_value", k)
+            check_max_tokens(v, self.max_tokens_limit)
         if asked or not path.endswith(GENERATION_PATHS):
             return body
         return json.dumps({**data, "max_tokens": self.default_max_tokens}).encode()

@@ -109,7 +109,7 @@ class _Common(BaseModel):
             return None
         out = {}
         for k, v in self.logit_bias.items():
-            if not k.strip().isdigit() or not -100 <= v <= 100:
+            if not (k.strip().isascii() and k.strip().isdigit()) or not -100 <= v <= 100:  # "²".isdigit() too
                 raise APIError(400, f"logit_bias: {k!r}: {v} must map a token id to a bias in [-100, 100]",
                                "invalid_value", "logit_bias")
             out[int(k)] = float(v)
