@@ -149,3 +149,16 @@ def test_vllm_gets_its_gpus_and_batch_from_serve_keys():
     sc = load_config(None, ["serve.backend=vllm", "serve.gpus_per_replica=2", "serve.max_running=48"]).serve
     assert vllm_engine_kwargs(sc) == {"trust_remote_code": False, "max_num_seqs": 48, "tensor_parallel_size": 2}
     assert vllm_engine_kwargs(load_config(None, ["serve.backend=vllm"]).serve, True)["tensor_parallel_size"] == 1
+
+
+def test_autoscaling_targets_a_replicas_capacity():
+    from sft_ray.serve.deploy import deployment_options
+
+    def target(*o):
+        sc = load_config(None, ["serve.min_replicas=1", "serve.max_replicas=3", *o]).serve
+        return deployment_options(sc)["autoscaling_config"]["target_ongoing_requests"]
+
+    assert target("serve.max_running=24") == 24  # continuous batching: the running batch
+    assert target("serve.continuous_batching=false", "serve.max_batch_size=4") == 4  # one generate call
+    assert deployment_options(load_config(None, ["serve.min_replicas=2", "serve.max_replicas=2"]).serve) == {
+        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0}, "num_replicas": 2}

@@ -28,6 +28,11 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
         trust_remote_code=trust_remote_code,
         base_model=serve_cfg.base_model,
     )
+    return OpenAIServer.options(**deployment_options(serve_cfg)).bind(model_dir, settings.__dict__)
+
+
+def deployment_options(serve_cfg) -> dict[str, Any]:
+    """Resources and replicas of the transformers backend's deployment, from ``serve.*``."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": serve_cfg.cpus_per_replica, "num_gpus": serve_cfg.gpus_per_replica},
     }
@@ -38,7 +43,7 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
                                          else serve_cfg.max_batch_size}
     else:
         options["num_replicas"] = serve_cfg.min_replicas
-    return OpenAIServer.options(**options).bind(model_dir, settings.__dict__)
+    return options
 
 
 def app_builder(args: dict[str, str]):
