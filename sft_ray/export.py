@@ -133,12 +133,6 @@ def step_of(checkpoint_path: str) -> int:
     return int(m.group(1)) if m else 1 << 62
 
 
-def is_final(path: Path) -> bool:
-    import pyarrow.fs as pafs
-
-    return final_problem(pafs.LocalFileSystem(), str(Path(path).resolve())) is None
-
-
 def final_problem(fs, path: str) -> str | None:
     """Why the folder is not a complete final model, or None. The marker is written last and lists every
     other file with its size, so a final model whose upload was cut short is never taken as finished."""

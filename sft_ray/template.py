@@ -325,7 +325,10 @@ def tokenize_examples(
     texts: list[tuple[int, str]] = []
     for k, ex in enumerate(examples):
         if ex.text is not None:
-            texts.append((k, ex.text))
+            try:
+                texts.append((k, _text_or_error(ex.text)))
+            except RowError as e:
+                out[k] = e
             continue
         kwargs = dict(template_kwargs or {})
         if ex.tools:
@@ -341,12 +344,6 @@ def tokenize_examples(
     if chats:
         for (k, _, _), (ids, labels) in zip(chats, labels_for([c[1] for c in chats], [c[2] for c in chats], tok)):
             out[k] = _finish(ids, labels, max_length, too_long)
-    for k, t in texts:
-        try:
-            _text_or_error(t)
-        except RowError as e:
-            out[k] = e
-    texts = [(k, t) for k, t in texts if out[k] is None]
     if texts:
         eos = tok.eos_token_id
         for (k, _), ids in zip(texts, tok([t for _, t in texts], add_special_tokens=True)["input_ids"]):

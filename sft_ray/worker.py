@@ -369,14 +369,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     layout = Layout(tok.pad_token_id, cfg.data.packing, cfg.data.max_length,
                     flat="flash" in (cfg.model.attn_implementation or ""))
-    train_stream = TrainStream(ray.train.get_dataset_shard(loop_cfg["train_dataset"].format(rank=rank)), plan,
-                               cfg.train.per_device_batch_size, cfg.train.grad_accum, layout,
-                               cfg.data.shuffle_buffer, cfg.seed)
-    if step >= plan.max_steps:
-        # the last step's checkpoint (the Trainer always saves it) and a stop before the export: the Trainer would
-        # start another epoch from the first row and train a step past the end; it loads the checkpoint, finds
-        # no batch, and the run goes on to its eval and export
-        train_stream = []
+    # resumed from the last step's checkpoint (the Trainer always saves it; a stop before the export leaves it):
+    # the Trainer would start another epoch from the first row and train a step past the end. With no batch it
+    # loads the checkpoint, trains nothing, and the run goes on to its eval and export
+    train_stream = [] if step >= plan.max_steps else TrainStream(
+        ray.train.get_dataset_shard(loop_cfg["train_dataset"].format(rank=rank)), plan,
+        cfg.train.per_device_batch_size, cfg.train.grad_accum, layout, cfg.data.shuffle_buffer, cfg.seed)
     eval_stream = (EvalStream(ray.train.get_dataset_shard("eval"), cfg.train.per_device_batch_size,
                               tok.pad_token_id) if plan.has_eval else None)
     datasets.disable_caching()

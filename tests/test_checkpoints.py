@@ -133,13 +133,13 @@ def test_final_model_whose_upload_was_cut_short_is_not_finished(tmp_path):
     include the marker is not taken for a finished run."""
     import pyarrow.fs as pafs
 
-    from sft_ray.export import FILES_KEY, final_metrics, final_problem, is_final
+    from sft_ray.export import FILES_KEY, final_metrics, final_problem
 
     f = tmp_path / "final_model"
     f.mkdir()
     (f / "model.safetensors").write_bytes(b"w" * 50)
     (f / FINAL_MARKER).write_text(json.dumps({"loss": 1.5, FILES_KEY: {"model.safetensors": 50}}))
-    assert is_final(f) and final_metrics(f) == {"loss": 1.5}
+    assert final_problem(pafs.LocalFileSystem(), str(f)) is None and final_metrics(f) == {"loss": 1.5}
     (f / "model.safetensors").write_bytes(b"w" * 20)
     assert final_problem(pafs.LocalFileSystem(), str(f)) == "model.safetensors is 20 bytes, not 50"
     for cut in ('{"loss": 1.5, "fi', "", "[]"):  # an upload that stopped inside the marker: not finished, no crash
@@ -147,7 +147,7 @@ def test_final_model_whose_upload_was_cut_short_is_not_finished(tmp_path):
         assert final_problem(pafs.LocalFileSystem(), str(f)).startswith(f"{FINAL_MARKER} is unreadable")
     (f / FINAL_MARKER).write_text(json.dumps({"loss": 1.5, FILES_KEY: {"model.safetensors": 50}}))
     (f / "model.safetensors").unlink()
-    assert not is_final(f)
+    assert final_problem(pafs.LocalFileSystem(), str(f)) is not None
     with pytest.raises(RuntimeError, match="not a finished model: model.safetensors is missing"):
         export_final(_real(f), tmp_path / "model")
 

@@ -224,6 +224,15 @@ class OpenAIServer:
             if kind == "chat":
                 yield self._chunk(cid, kind, model, None)
             held: list[tuple[str, int | None]] = []  # pieces not sent yet: their text may begin a stop string
+
+            def release() -> str:
+                """The held pieces as one stream message, with their tokens' log-probabilities."""
+                nonlocal sent, held
+                whole = sent + "".join(p for p, _ in held)
+                chunk = self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
+                sent, held = whole, []
+                return chunk
+
             async for piece, n in pieces:
                 if not piece:
                     continue
@@ -243,12 +252,9 @@ class OpenAIServer:
                     cancelled.set()
                     break
                 if not any(whole.endswith(s[:k]) for s in gen.stop if s for k in range(1, len(s))):
-                    yield self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
-                    sent, held = whole, []
+                    yield release()
             if held and finish != "stop":  # the end came while text was held back for a stop string that never came
-                whole = sent + "".join(p for p, _ in held)
-                yield self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
-                sent = whole
+                yield release()
             if finish != "stop":
                 await asyncio.to_thread(thread.join, 30)
                 if "error" in result:

@@ -282,7 +282,7 @@ class Engine:
 
     def _pieces(self, h):
         """Text as the batcher's token ids arrive (a thread waits on them)."""
-        detok = _Detok(self.tok)
+        detok = _Detok(self.decode)
         while True:
             tok = h.tokens.get()
             piece = detok.add(tok)
@@ -294,7 +294,7 @@ class Engine:
     async def apieces(self, h):
         """(text, tokens so far) as the batcher's token ids arrive, for a request submitted with the event loop
         (nothing blocks); the count says which of ``h.result["logprobs"]`` a piece's tokens are."""
-        detok = _Detok(self.tok)
+        detok = _Detok(self.decode)
         while True:
             tok = await h.next_token()
             piece = detok.add(tok)
@@ -308,13 +308,13 @@ class _Detok:
     """Token ids to text pieces, decoded whole each time so that a character made of several tokens comes out
     complete: a piece never ends in half a character (until the end)."""
 
-    def __init__(self, tok):
-        self.tok, self.ids, self.sent = tok, [], ""
+    def __init__(self, decode):
+        self.decode, self.ids, self.sent = decode, [], ""  # decode: Engine.decode, as for whole answers
 
     def add(self, token: int | None) -> str:
         if token is not None:
             self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.decode(self.ids)
         if (token is not None and text.endswith("\ufffd")) or not text.startswith(self.sent):
             return ""
         piece, self.sent = text[len(self.sent):], text
