@@ -38,6 +38,10 @@ def cmd_train(args) -> int:
     from sft_ray.modeling import resolve_model_path
 
     resolve_model_path(cfg.model.name)  # and on a model folder that is not there
+    if cfg.serve.after_train:  # a key variable that is unset would otherwise be found after the whole run
+        from sft_ray.serve.deploy import api_key_from_env
+
+        api_key_from_env(cfg.serve)
     t0 = time.time()
     try:
         summary = run(cfg)

@@ -59,8 +59,9 @@ def _init_ray(cfg: Config) -> None:
                  "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or running_cluster()
     if address:
+        say(f"joining the Ray cluster at {address}")
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker
@@ -68,6 +69,19 @@ def _init_ray(cfg: Config) -> None:
     # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group cleaner polls
     ray.init(num_cpus=max(os.cpu_count() or 1, need + 1), include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env_vars}, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def running_cluster() -> str | None:
+    """The address of a Ray cluster started on this machine with ``ray start``, if one is running.
+
+    ``ray.init()`` would join it by itself, and then refuses the ``num_cpus`` that a local start passes; the
+    lookup is Ray's own (``/tmp/ray/ray_current_cluster``, then its running GCS processes)."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment(None, None)
+    except Exception:  # Ray moved its helper: start locally, as before
+        return None
 
 
 @dataclass

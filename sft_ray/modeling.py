@@ -214,15 +214,19 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_precision(requested: str) -> str:
-    """Decide on the machine that trains (never on a driver that may have no GPU)."""
+def choose_precision(requested: str, on_gpu: bool) -> str:
+    """Decide on the worker that trains (never on a driver that may have no GPU), for the device Ray Train gave
+    it (``on_gpu``), not for what the node has: a CPU worker on a GPU node still sees the GPUs.
+
+    ``auto``: bf16 on GPUs that have it (Ampere and later), fp16 mixed precision on older GPUs, bf16 on CPUs
+    with AVX512-BF16 or AMX, fp32 on other CPUs (bf16 emulated there is ~10x slower)."""
     import torch
 
     if requested != "auto":
-        if requested == "bf16" and not torch.cuda.is_available() and not cpu_supports_bf16():
+        if requested == "bf16" and not on_gpu and not cpu_supports_bf16():
             log.warning("precision=bf16 on a CPU without bf16 instructions: expect it to be ~10x slower than fp32")
         return requested
-    if torch.cuda.is_available():
+    if on_gpu:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 

@@ -56,6 +56,13 @@ def _unread_compression(name: str) -> bool:
     return any(low.endswith(ext + c) for ext in EXTENSIONS for c in OTHER_COMPRESSION)
 
 
+def _refuse_unread_compression(paths) -> None:
+    odd = [p for p in paths if _unread_compression(p)]
+    if odd:
+        raise SourceError(f"{odd[0]}: compressed in a way sft-ray does not read (gzip only: .jsonl.gz, .json.gz, "
+                          ".csv.gz); decompress it or gzip it")
+
+
 def _is_hf_saved(path: str) -> bool:
     return os.path.isdir(path) and (
         os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
@@ -81,10 +88,7 @@ def expand(spec: str) -> list[str]:
                 files += _saved_dataset_files(d)
                 dirs.clear()
                 continue
-            odd = sorted(f for f in names if _unread_compression(f))
-            if odd:
-                raise SourceError(f"{os.path.join(d, odd[0])}: compressed in a way sft-ray does not read (gzip "
-                                  "only: .jsonl.gz, .json.gz, .csv.gz); decompress it or gzip it")
+            _refuse_unread_compression(os.path.join(d, f) for f in sorted(names))
             files += sorted(os.path.join(d, f) for f in names if _kind(f) not in (None, "arrow") and f[0] != ".")
     elif os.path.isfile(spec):
         files = [spec]
@@ -117,11 +121,12 @@ def _expand_uri(spec: str) -> list[str]:
         paths = [root]
     else:
         listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if i.type == pafs.FileType.File and _kind(i.path) not in (None, "arrow")]
+                  if i.type == pafs.FileType.File]
         if magic:  # match against the pattern as pyarrow names paths (no scheme; bucket first for S3)
             pattern = _glob_regex(root + rest[len(base):])
             listed = [p for p in listed if pattern.match(p)]
-        paths = sorted(listed)
+        _refuse_unread_compression(f"{scheme}://{p}" for p in sorted(listed))  # as in a folder: never passed over
+        paths = sorted(p for p in listed if _kind(p) not in (None, "arrow"))
     if scheme == "file":
         return ["file://" + p for p in paths]
     return [f"{scheme}://{p}" for p in paths]

@@ -29,7 +29,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
 
 def resolve_data(cfg: Config) -> tuple[list[str], list[str]]:
-    """Data specs for train and eval; ``generated[:TASK]`` writes a built-in task under ``output_dir/data``."""
+    """Data specs for train and eval; ``generated[:TASK]`` writes a built-in task under ``output_dir/data``,
+    and, where ``train.storage_path`` is object storage, also beside the run's checkpoints
+    (``{storage_path}/{train.name}/data/``), read from there: on a cluster the data tasks run on other nodes
+    than the driver, which do not have its disk."""
     from sft_ray import synthetic
 
     out: dict[str, tuple[str, str]] = {}
@@ -37,15 +40,34 @@ def resolve_data(cfg: Config) -> tuple[list[str], list[str]]:
     def files(spec: str) -> tuple[str, str]:
         task = synthetic.task_of(spec)
         if task not in out:
-            folder = Path(cfg.output_dir, "data", *([] if task == synthetic.DEFAULT_TASK else [task]))
+            sub = [] if task == synthetic.DEFAULT_TASK else [task]
+            folder = Path(cfg.output_dir, "data", *sub)
             tr, ev = synthetic.write_task(folder, cfg.data.generated_train_rows, cfg.data.generated_eval_rows,
                                           cfg.seed, task)
             out[task] = (str(tr), str(ev))
+            if "://" in cfg.storage_path:
+                out[task] = tuple(_upload(p, "/".join([cfg.storage_path.rstrip("/"), cfg.train.name, "data", *sub,
+                                                       Path(p).name])) for p in out[task])
         return out[task]
 
     train = [files(s)[0] if synthetic.is_generated(s) else s for s in cfg.data.train]
     evals = [files(s)[1] if synthetic.is_generated(s) else s for s in cfg.data.eval]
     return train, evals
+
+
+def _upload(path: str, uri: str) -> str:
+    import pyarrow.fs as pafs
+
+    from sft_ray.sources import SourceError, shown_uri
+
+    try:
+        fs, dest = pafs.FileSystem.from_uri(uri)
+        with fs.open_output_stream(dest) as f:
+            f.write(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{shown_uri(uri)}: cannot write the generated data there (train.storage_path): {e}") \
+            from None
+    return uri
 
 
 def eval_source(cfg: Config) -> str:
@@ -173,12 +195,11 @@ def run(cfg: Config) -> dict[str, Any]:
     init_ray(cfg)
     from sft_ray import data
 
-    data.warm_workers()  # idle workers import the pipeline's code while the checks below and the tokenizer load run
-
     # checks that need no data: the cluster can place the workers, storage is shared
     on_gpu = cluster.use_gpu(cfg)
     cluster.check_gpu_only_options(cfg, on_gpu)
-    fit = cluster.check_resources(cfg, on_gpu)
+    fit = cluster.check_resources(cfg, on_gpu)  # before warming: its tasks would count as other work's CPUs
+    data.warm_workers()  # idle workers import the pipeline's code while the checks below and the tokenizer load run
     cluster.check_storage_shared(cfg.storage_path)
     if cfg.export.to:
         cluster.check_storage_writable(cfg.export.to, "export.to", "The finished model folder is copied there")

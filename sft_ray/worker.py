@@ -323,7 +323,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks one (it is first imported below)
-    precision = choose_precision(cfg.train.precision)
+    precision = choose_precision(cfg.train.precision, on_gpu)
     fused = on_gpu if cfg.train.fused_lm_head == "auto" else cfg.train.fused_lm_head
     if rank == 0:
         say(f"worker: {'cuda' if on_gpu else 'cpu'}, precision {precision}, {world} workers, "

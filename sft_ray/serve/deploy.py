@@ -72,7 +72,8 @@ def app_builder(args: dict[str, str]):
 
 
 def check_gpus(serve_cfg) -> None:
-    """vLLM needs a GPU per replica: refuse before deploying, with the count, where the cluster has none."""
+    """vLLM needs a GPU per replica: refuse before deploying, with the counts, where the cluster cannot hold the
+    replicas it starts with."""
     import ray
 
     from sft_ray.config import ConfigError
@@ -80,9 +81,12 @@ def check_gpus(serve_cfg) -> None:
     if not ray.is_initialized():
         ray.init(address="auto")
     gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < max(serve_cfg.gpus_per_replica, 1):
-        raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has {gpus:g} GPUs. "
-                          "Use serve.backend=transformers (CPU or GPU) or serve on a GPU cluster")
+    each = max(serve_cfg.gpus_per_replica, 1)
+    need = serve_cfg.min_replicas * each  # every replica it starts with; one it cannot place would wait forever
+    if gpus < need:
+        raise ConfigError(f"serve.backend=vllm needs a GPU per replica; this cluster has {gpus:g} GPUs, and "
+                          f"serve.min_replicas={serve_cfg.min_replicas} x {each:g} GPU(s) each need {need:g}. "
+                          "Use serve.backend=transformers (CPU or GPU), fewer replicas, or a GPU cluster")
 
 
 def api_key_from_env(serve_cfg) -> str | None:
