@@ -121,7 +121,17 @@ def warm_workers(limit: int = 64) -> list:
 
     n = max(1, min(limit, int(ray.cluster_resources().get("CPU", 1))))
     warm = ray.remote(num_cpus=1, max_retries=0)(_warm)
-    return [warm.remote() for _ in range(n)]
+    refs = [warm.remote() for _ in range(n)]
+    try:  # Ray Data's two per-cluster actors, which its first pipeline would otherwise start (~2.5 s of CPU each)
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except Exception as e:  # internal helpers that a Ray upgrade may move: the pipeline starts them itself
+        log.debug("Ray Data's actors not started early: %s", e)
+    return refs
 
 
 def parse_record(record: str, data) -> Example:
