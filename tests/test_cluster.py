@@ -79,3 +79,28 @@ def test_the_wait_is_announced_only_when_other_work_holds_the_cpus(capfd):
         assert f"waiting for resources: 2 workers x (1 CPU) need 2 CPUs; 1 of {cpus} are free now" in out, out
     finally:
         ray.kill(holder)
+
+
+def test_object_storage_endpoint_reaches_the_workers_and_the_keys_do_not(tmp_path):
+    """README: the endpoint and region travel from the driver to Ray's workers (runtime_env), never the keys:
+    those come from each node's own environment or instance role, and a runtime_env is shown by Ray's dashboard
+    and job records."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    secret = "sk-not-for-the-runtime-env"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIA-TEST", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_SESSION_TOKEN": secret, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "eu-west-1"}
+    env.pop("RAY_ADDRESS", None)
+    code = ("import json, ray; from sft_ray.config import Config; from sft_ray.cluster import init_ray; "
+            "init_ray(Config()); print('ENV=' + json.dumps(ray.get_runtime_context().runtime_env.get('env_vars')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                          cwd=tmp_path)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("ENV=")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
+    forwarded = json.loads(line[0][4:])
+    assert forwarded["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and forwarded["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(forwarded)
+    assert secret not in proc.stdout + proc.stderr
