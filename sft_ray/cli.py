@@ -38,6 +38,8 @@ def cmd_train(args) -> int:
     from sft_ray.modeling import resolve_model_path
 
     resolve_model_path(cfg.model.name)  # and on a model folder that is not there
+    if cfg.eval.enabled:
+        cfg.eval.check_scorers()
     if cfg.serve.after_train:  # a key variable that is unset would otherwise be found after the whole run
         from sft_ray.serve.deploy import api_key_from_env
 
@@ -142,6 +144,7 @@ def cmd_eval(args) -> int:
     if Path(config).is_dir():  # a run directory: its saved config.yaml
         config = str(Path(config, "config.yaml"))
     cfg = load_config(config, args.overrides)
+    cfg.eval.check_scorers()
     model_dir = args.model or str(Path(cfg.output_dir, "model"))
     from sft_ray.modeling import is_model_dir, resolve_model_path
 

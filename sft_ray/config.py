@@ -50,6 +50,19 @@ class ModelConfig(_Strict):
         raise ValueError(f"must be 'chatml' or a Jinja chat template (text with {{{{ ... }}}} or {{% ... %}}), "
                          f"not {v!r}")
 
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, v: str | None) -> str | None:
+        """Checked before Ray starts: a misspelt name would otherwise fail on every worker after the data pass."""
+        if v is None or v in ATTENTION or v.startswith("paged|") or "/" in v:
+            return v
+        raise ValueError(f"{v!r} is not an attention implementation transformers knows: one of "
+                         f"{', '.join(sorted(ATTENTION))}, 'paged|NAME', or a Hub kernel 'org/name'")
+
+
+# transformers' attention implementations (AttentionInterface plus eager); Hub kernels are named "org/name"
+ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"})
+
 
 DEFAULT_EVAL_FRACTION = 0.1
 
@@ -240,6 +253,26 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     actors: int = Field(2, gt=0, description="generation actors (one model each); GPUs are used when present")
     scorers: list[str] = Field(default_factory=list, description="extra metrics: package.module:function(pred, ref)")
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: list[str]) -> list[str]:
+        """The shape here; that each imports is checked by the driver before Ray starts (it scores there)."""
+        bad = [e for e in v if not all(part.strip() for part in e.partition(":")[::2])]
+        if bad:
+            raise ValueError(f"{bad[0]!r} must look like package.module:function")
+        return v
+
+    def check_scorers(self) -> None:
+        """Import every scorer now, in the driver that runs them, instead of after training."""
+        from sft_ray.evaluate import load_scorer
+
+        for entry in self.scorers:
+            try:
+                load_scorer(entry)
+            except Exception as e:
+                raise ConfigError(f"eval.scorers: {entry!r} cannot be used: {type(e).__name__}: {e}") from None
+
     loss: bool = Field(True, description="eval loss and perplexity of both models on the eval split")
     max_loss_rows: int = Field(2048, gt=0)
 

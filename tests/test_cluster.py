@@ -104,3 +104,19 @@ def test_object_storage_endpoint_reaches_the_workers_and_the_keys_do_not(tmp_pat
     assert forwarded["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and forwarded["AWS_REGION"] == "eu-west-1"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(forwarded)
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_an_export_destination_that_cannot_be_written_stops_the_run_before_training(tmp_path, tiny_model_dir):
+    """README: export.to is checked writable before training (here a path under a file), not after the run."""
+    from sft_ray.train import run
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = load_config("jobs/configs/local-cpu.yaml", [f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                                                      f"export.to={blocker}/models", "data.generated_train_rows=8",
+                                                      "data.generated_eval_rows=2"])
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=rf"export.to={blocker}/models cannot be written: .*The finished model"):
+        run(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before the data pass and the run's files
+    assert time.time() - t0 < 60

@@ -195,3 +195,29 @@ def test_jobs_serve_py_refuses_an_unset_key_variable(tiny_model_dir):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "api_key_env names 'SFT_RAY_UNSET_KEY', which is unset or empty" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.attn_implementation=flash_attn2", "'flash_attn2' is not an attention implementation transformers knows"),
+    ("eval.scorers=[nope]", "'nope' must look like package.module:function"),
+])
+def test_names_that_would_fail_on_the_workers_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, [override])
+    for ok in ("sdpa", "flash_attention_2", "kernels-community/flash-attn", "paged|eager"):
+        assert load_config(None, [f"model.attn_implementation={ok}"]).model.attn_implementation == ok
+
+
+def test_a_scorer_that_does_not_import_stops_train_and_eval_before_ray_starts(capsys):
+    import ray
+
+    from sft_ray.cli import main
+
+    for argv in (["train", "jobs/configs/local-cpu.yaml"], ["eval", "jobs/configs/local-cpu.yaml"]):
+        assert main([*argv, "eval.scorers=[no_such_module_x:f]"]) == 2
+        err = capsys.readouterr().err
+        assert "eval.scorers: 'no_such_module_x:f' cannot be used: ModuleNotFoundError" in err, err
+    assert main(["train", "jobs/configs/local-cpu.yaml", "eval.scorers=[sft_ray.evaluate:no_such_fn]"]) == 2
+    assert "AttributeError" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    load_config(None, ["eval.scorers=[sft_ray.evaluate:token_f1]"]).eval.check_scorers()  # a real one passes
