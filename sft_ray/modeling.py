@@ -130,24 +130,37 @@ def download_model(uri: str) -> Path:
     folder whose upload was cut short is refused."""
     import hashlib
 
-    import pyarrow.fs as pafs
-
-    from sft_ray.export import FINAL_MARKER, UPLOADING, final_problem
     from sft_ray.sources import shown_uri
 
     shown = shown_uri(uri)  # errors and logs never carry the URI's credentials or query
+    dest = cache_root() / "models" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one download per machine: the workers of a node (8 on a GPU node) would otherwise each copy the model, and
+    # one's swap would delete the folder another is loading from
+    with open(dest.with_name(f"{dest.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _download_locked(uri, shown, dest)
 
-    def listing(fs, root: str) -> dict[str, int]:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+def _listing(fs, root: str) -> dict[str, int]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _download_locked(uri: str, shown: str, dest: Path) -> Path:
+    import pyarrow.fs as pafs
+
+    from sft_ray.export import FINAL_MARKER, UPLOADING, final_problem
 
     local = pafs.LocalFileSystem()
-    dest = cache_root() / "models" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    tmp = None
     try:
         fs, root = pafs.FileSystem.from_uri(uri.rstrip("/"))
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             raise ModelError(f"{shown}: no model folder there")
-        remote = listing(fs, root)
+        remote = _listing(fs, root)
         if UPLOADING in remote:
             raise ModelError(f"{shown}: not a complete model folder (an export to it is under way or was cut short: "
                              f"{UPLOADING} is there)")
@@ -155,15 +168,17 @@ def download_model(uri: str) -> Path:
         problem = final_problem(fs, root) if marked else None
         if problem:
             raise ModelError(f"{shown}: not a complete model folder ({problem})")
-        if dest.is_dir() and listing(local, str(dest)) == remote:
+        if dest.is_dir() and _listing(local, str(dest)) == remote:
             return dest
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)
         pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=local)
     except (OSError, ValueError) as e:
+        if tmp is not None:  # a copy cut short leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{shown}: cannot download the model folder: {e}") from None
     problem = final_problem(local, str(tmp)) if marked else None
-    if problem or listing(local, str(tmp)) != remote:
+    if problem or _listing(local, str(tmp)) != remote:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{shown}: the copy is incomplete ({problem or 'its files differ from the stored ones'})")
     shutil.rmtree(dest, ignore_errors=True)

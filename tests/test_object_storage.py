@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -298,3 +299,32 @@ def test_generated_data_goes_beside_checkpoints_in_object_storage(s3, tmp_path):
     with pytest.raises(SourceError, match=r"s3://no-such-bucket/runs/gen/data/train.jsonl: cannot write the generated"):
         resolve_data(load_config(None, [f"output_dir={tmp_path}", "train.storage_path=s3://no-such-bucket/runs",
                                         "train.name=gen"]))
+
+
+def test_processes_loading_one_model_from_a_bucket_share_one_download(s3, tiny_model_dir, tmp_path):
+    """The workers of a node start together and each loads model.name=s3://...: one copies it, the others wait
+    and use that copy (before, each copied it and one's swap could delete the folder another was loading)."""
+    fs = pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
+    pafs.copy_files(str(tiny_model_dir), f"{BUCKET}/models/tiny", destination_filesystem=fs)
+    env = {**os.environ, **s3["env"], "SFT_RAY_CACHE": str(tmp_path / "cache")}
+    go = tmp_path / "go"
+    # each process imports everything, says it is ready, and waits for the others: the loads start together
+    code = ("import logging, os, sys, time, pyarrow.fs; from sft_ray.modeling import resolve_model_path; "
+            "from transformers import AutoConfig; logging.basicConfig(level=logging.INFO); "
+            "open(sys.argv[2] + '.ready-' + str(os.getpid()), 'w').close()\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+            "p = resolve_model_path(sys.argv[1]); AutoConfig.from_pretrained(p); print('PATH=' + p)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"s3://{BUCKET}/models/tiny", str(go)], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    deadline = time.time() + 180
+    while len(list(tmp_path.glob("go.ready-*"))) < len(procs) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-1500:] for p in procs]
+        time.sleep(0.1)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    paths = {line for o, _ in outs for line in o.splitlines() if line.startswith("PATH=")}
+    assert len(paths) == 1, paths
+    models = [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
+    assert len(models) == 1 and (models[0] / "config.json").is_file()  # one copy, no leftover partial folders
+    assert sum("downloaded s3://" in e for _, e in outs) == 1, [e[-500:] for _, e in outs]
