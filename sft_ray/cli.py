@@ -56,7 +56,9 @@ def cmd_train(args) -> int:
         f"in {summary['train_seconds']}s"
     say(f"trained {m.get('step', summary['plan']['max_steps'])} steps {when} (final loss "
         f"{m.get('loss', float('nan')):.4f}, {m.get('avg_tokens_per_s', 0):.1f} tokens/s); model at {summary['model_dir']}")
-    summary["config"] = cfg.model_dump(mode="json")
+    from sft_ray.sources import shown_config
+
+    summary["config"] = shown_config(cfg.model_dump(mode="json"))  # train_summary.json: no URI credentials
     if cfg.eval.enabled:
         summary["eval"] = _evaluate(cfg, summary["model_dir"], summary)  # writes the model card, with the scores
     else:
@@ -155,7 +157,9 @@ def cmd_eval(args) -> int:
     summary_file = Path(cfg.output_dir, "train_summary.json")
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     if summary is not None:
-        summary.setdefault("config", cfg.model_dump(mode="json"))
+        from sft_ray.sources import shown_config
+
+        summary.setdefault("config", shown_config(cfg.model_dump(mode="json")))
     _evaluate(cfg, model_dir, summary)
     return 0
 
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _quiet()
     from sft_ray.data import DataError
+    from sft_ray.evaluate import EvalError
     from sft_ray.model_card import ModelCardError
     from sft_ray.modeling import ModelError
     from sft_ray.plan import PlanError
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         _last_words(str(e))
         return 2
     # the user's data, model or folders, not a bug: no traceback
-    except (DataError, SourceError, ModelError, PlanError, ModelCardError) as e:
+    except (DataError, SourceError, ModelError, PlanError, ModelCardError, EvalError) as e:
         _last_words(str(e))
         return 1
     except Exception as e:

@@ -63,11 +63,15 @@ def _actor_resources() -> dict[str, float]:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
-def render_prompts(tok, conversations: list[list[dict]], template_kwargs: dict | None = None) -> list[list[int]]:
-    """Token ids of each conversation with the generation prompt, as the trained model's template renders it."""
+def render_prompts(tok, conversations: list[list[dict]], template_kwargs: dict | None = None,
+                   tools: list[list | None] | None = None) -> list[list[int]]:
+    """Token ids of each conversation with the generation prompt, as the trained model's template renders it
+    (with the row's tool schemas, as in training)."""
     kwargs = template_kwargs or {}
-    return [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **kwargs),
-                add_special_tokens=False)["input_ids"] for c in conversations]
+    tools = tools or [None] * len(conversations)
+    return [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
+                                        **({"tools": t} if t else {}), **kwargs),
+                add_special_tokens=False)["input_ids"] for c, t in zip(conversations, tools)]
 
 
 def generate(model_dir: str, prompts: list[list[int]], tok, max_new_tokens: int, batch_size: int, actors: int = 1,
@@ -131,7 +135,9 @@ def eval_loss(model_dir: str, ds, tok, batch_size: int, actors: int, trust_remot
                            batch_size=batch_size, compute=ActorPoolStrategy(size=max(1, actors)),
                            **_actor_resources()).take_all()
     nll, n = sum(p["nll"] for p in parts), sum(p["n"] for p in parts)
-    loss = nll / max(n, 1)
+    if n == 0:  # no trained token to measure: no loss, rather than a perfect 0.0 / perplexity 1.0
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    loss = nll / n
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
 
 
@@ -152,19 +158,46 @@ def normalized_match(pred: str, ref: str) -> float:
     return float(normalize(pred) == normalize(ref))
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(text: str) -> Any:
+    """Strict JSON: NaN and Infinity (which Python's parser accepts) are not JSON."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal JSON values, by JSON's types: ``true`` is not ``1`` (Python's ``==`` says it is); 1 and 1.0 are one
+    number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+# what a degenerate answer can raise: ``[[[[...`` a thousand deep is a RecursionError, not a JSONDecodeError
+_NOT_JSON = (ValueError, TypeError, RecursionError)
+
+
 def json_match(pred: str, ref: str) -> float:
     """Same JSON value (key order and spacing ignored); 0 if either side does not parse."""
     try:
-        return float(json.loads(pred) == json.loads(ref))
-    except (json.JSONDecodeError, TypeError):
+        return float(_same_json(_json(pred), _json(ref)))
+    except _NOT_JSON:
         return 0.0
 
 
 def json_valid(pred: str) -> float:
     try:
-        json.loads(pred)
+        _json(pred)
         return 1.0
-    except (json.JSONDecodeError, TypeError):
+    except _NOT_JSON:
         return 0.0
 
 
@@ -200,6 +233,10 @@ def rouge_l(pred: str, ref: str) -> float:
         return 0.0
     precision, recall = lcs / len(p), lcs / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot give a trustworthy figure (said instead of reporting a wrong one)."""
 
 
 def load_scorer(path: str):
@@ -251,8 +288,10 @@ def mcnemar_exact(before: list[float], after: list[float]) -> dict[str, Any]:
 
 
 def _pairs(batch: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, list]:
-    """(prompt conversation, reference) of each usable row: the reference is its last assistant turn."""
-    prompts, refs, keys = [], [], []
+    """(prompt conversation, its tool schemas, reference) of each row that can be scored: the reference is its
+    last assistant turn's text. Not scored: rows whose answer is a tool call (no text to compare) and rows with
+    nothing but a system prompt before the answer (nothing asked)."""
+    prompts, tools, refs, keys = [], [], [], []
     for source, row, record, error in zip(batch["source"], batch["row"], batch["record"], batch["error"]):
         if error:
             continue
@@ -263,15 +302,19 @@ def _pairs(batch: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str
         if ex.messages is None:
             continue
         last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        answer = ex.messages[last]
+        if answer.get("tool_calls") or not any(m["role"] != "system" for m in ex.messages[:last]):
+            continue
         prompts.append(json.dumps(ex.messages[:last], ensure_ascii=False))
-        refs.append(ex.messages[last]["content"])
+        tools.append(json.dumps(ex.tools, ensure_ascii=False) if ex.tools else "")
+        refs.append(answer["content"])
         keys.append(f"{source}:{row}")
-    return {"prompt": prompts, "reference": refs, "key": keys}
+    return {"prompt": prompts, "tools": tools, "reference": refs, "key": keys}
 
 
 def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int,
-               fraction_split: tuple[int, float] | None = None) -> list[tuple[list[dict], str]]:
-    """(prompt conversation, reference answer) for the first ``limit`` usable rows of the eval data.
+               fraction_split: tuple[int, float] | None = None) -> list[tuple[list[dict], str, list | None]]:
+    """(prompt conversation, reference answer, tool schemas) for the first ``limit`` usable rows of the eval data.
 
     Read through the same Ray Data path as training (``sources.read``), so every source kind that trains
     also evaluates. ``fraction_split=(seed, fraction)``: the rows of ``specs`` that ``data.eval_fraction``
@@ -288,7 +331,8 @@ def eval_pairs(specs: list[str], fmt: str, columns: dict[str, str], limit: int,
         ds = ds.filter(lambda r: in_eval_split(r["source"], r["row"], seed, frac))
     ds = ds.map_batches(_pairs, fn_kwargs={"fmt": fmt, "columns": columns}, batch_format="numpy", num_cpus=0.25)
     ds.context.execution_options.preserve_order = True  # the first rows of the files, in file order
-    return [(json.loads(r["prompt"]), r["reference"]) for r in ds.limit(limit).take_all()]
+    return [(json.loads(r["prompt"]), r["reference"], json.loads(r["tools"]) if r["tools"] else None)
+            for r in ds.limit(limit).take_all()]
 
 
 def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) -> dict[str, list[float]]:
@@ -306,7 +350,17 @@ def score(preds: list[str], refs: list[str], scorers: list[str] | tuple = ()) ->
         scores["rouge_l"] = [rouge_l(p, r) for p, r in zip(preds, refs)]
     for path in scorers:
         name, fn = load_scorer(path)
-        scores[name] = [float(fn(p, r)) for p, r in zip(preds, refs)]
+        values = []
+        for i, (p, r) in enumerate(zip(preds, refs)):
+            try:
+                v = float(fn(p, r))
+            except Exception as e:
+                raise EvalError(f"eval.scorers {path!r} failed on held-out row {i + 1}: {type(e).__name__}: {e}") \
+                    from None
+            if not math.isfinite(v):  # a NaN would make every paired test "significant" and metrics.json invalid
+                raise EvalError(f"eval.scorers {path!r} returned {v} on held-out row {i + 1}; scores must be finite")
+            values.append(v)
+        scores[name] = values
     return scores
 
 
@@ -355,6 +409,8 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
     the run's ``model.revision`` and ``model.trust_remote_code``."""
     from sft_ray import report
     from sft_ray.data import _tokenizer
+    from sft_ray.model_card import is_adapter
+    from sft_ray.sources import shown_uri
 
     e, m = cfg.eval, cfg.model
     split = None
@@ -364,31 +420,40 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
         eval_specs, split = resolve_data(cfg)[0], (cfg.seed, cfg.data.eval_fraction)
     pairs = eval_pairs(eval_specs, cfg.data.format, cfg.data.columns, e.max_examples, split)
     tok = _tokenizer(m)
-    task_prompts = render_prompts(tok, [p for p, _ in pairs], cfg.data.template_kwargs)
+    task_prompts = render_prompts(tok, [p for p, _, _ in pairs], cfg.data.template_kwargs, [t for _, _, t in pairs])
     probe_prompts = render_prompts(tok, [[{"role": "user", "content": q}] for q in e.probes], cfg.data.template_kwargs)
     template = describe_template(m, tok) + (f", template_kwargs {cfg.data.template_kwargs}"
                                             if cfg.data.template_kwargs else "")
-    results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": base_dir, "after": tuned_dir},
-                               "eval_data": eval_specs if not split else f"{eval_specs} (held-out fraction "
-                                                                         f"{cfg.data.eval_fraction})",
+    shown = [shown_uri(s) for s in eval_specs]  # no credentials or signed queries in the report
+    results: dict[str, Any] = {"n_eval": len(pairs), "models": {"before": shown_uri(base_dir), "after": tuned_dir},
+                               "eval_data": shown if not split else f"{shown} (held-out fraction "
+                                                                    f"{cfg.data.eval_fraction})",
                                "prompt_template": template}
+    # an unmerged LoRA export is an adapter on the base at the run's revision, as the "before" model is
+    tuned_revision = m.revision if is_adapter(Path(tuned_dir)) else None
     answers: dict[str, dict[str, list[str]]] = {}
-    for tag, model_dir, revision in (("before", base_dir, m.revision), ("after", tuned_dir, None)):
+    for tag, model_dir, revision in (("before", base_dir, m.revision), ("after", tuned_dir, tuned_revision)):
         kw = {"trust_remote_code": m.trust_remote_code, "revision": revision}
         answers[tag] = {"task": generate(model_dir, task_prompts, tok, e.max_new_tokens, e.batch_size, e.actors, **kw),
                         "probes": generate(model_dir, probe_prompts, tok, e.probe_max_new_tokens, e.batch_size, 1, **kw)}
-    refs = [r for _, r in pairs]
-    per_row = {tag: score(answers[tag]["task"], refs, e.scorers) for tag in answers}
-    results["scores"] = compare_scores(per_row["before"], per_row["after"])
+    refs = [r for _, r, _ in pairs]
+    if pairs:
+        per_row = {tag: score(answers[tag]["task"], refs, e.scorers) for tag in answers}
+        results["scores"] = compare_scores(per_row["before"], per_row["after"])
+    else:  # nothing scored is said, not shown as 0/0 = 0%
+        results["scores"] = {}
+        results["not_scored"] = ("no held-out row could be scored (eval.max_examples=0, no eval data, or rows "
+                                 "without a text answer to compare)")
     if e.loss and eval_specs:
         from sft_ray import data
 
         tokenized = data.tokenized(eval_specs, cfg, "eval" if split else None)
         ds = data.trainable(tokenized, "skip", cfg.data.tokenize_cpus).limit(e.max_loss_rows).materialize()
         before, after = (eval_loss(d, ds, tok, e.batch_size, e.actors, m.trust_remote_code, r)
-                         for d, r in ((base_dir, m.revision), (tuned_dir, None)))
-        results["loss"] = {"eval_loss": {"before": before["loss"], "after": after["loss"]},
-                           "perplexity": {"before": before["perplexity"], "after": after["perplexity"]}}
+                         for d, r in ((base_dir, m.revision), (tuned_dir, tuned_revision)))
+        if before["loss"] is not None and after["loss"] is not None:
+            results["loss"] = {"eval_loss": {"before": before["loss"], "after": after["loss"]},
+                               "perplexity": {"before": before["perplexity"], "after": after["perplexity"]}}
     results["probes"] = [
         {"question": q, "before": answers["before"]["probes"][i], "after": answers["after"]["probes"][i]}
         for i, q in enumerate(e.probes)
@@ -396,7 +461,7 @@ def compare(base_dir: str, tuned_dir: str, eval_specs: list[str], cfg, out_dir: 
     results["examples"] = [
         {"prompt": p[-1]["content"], "reference": r, "before": answers["before"]["task"][i],
          "after": answers["after"]["task"][i]}
-        for i, (p, r) in enumerate(pairs[:8])
+        for i, (p, r, _) in enumerate(pairs[:8])
     ]
     history_file = Path(tuned_dir, "train_history.json")
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
@@ -412,6 +477,8 @@ def render_console(res: dict[str, Any]) -> str:
         out += [f"Task: {ex['prompt'][:200]}", f"  reference: {ex['reference']}", f"  before: {ex['before'][:200]}",
                 f"  after:  {ex['after'][:200]}", ""]
     out.append(f"held-out rows: {res['n_eval']} from {res.get('eval_data')}; prompts: {res.get('prompt_template')}")
+    if res.get("not_scored"):
+        out.append(f"not scored: {res['not_scored']}")
     for m, s in res["scores"].items():
         t = s["paired_test"]
         if s.get("binary"):

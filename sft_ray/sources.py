@@ -40,6 +40,18 @@ def shown_uri(uri: str) -> str:
     return f"{u.scheme}://{u.hostname or ''}{u.path}"
 
 
+def shown_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config as summaries and reports show it: the model and data URIs through ``shown_uri``
+    (``config.yaml`` keeps them whole: ``sft-ray eval RUN_DIR`` reads the data again from it)."""
+    out = {**cfg, "model": {**cfg.get("model", {})}, "data": {**cfg.get("data", {})}}
+    if isinstance(out["model"].get("name"), str):
+        out["model"]["name"] = shown_uri(out["model"]["name"])
+    for key in ("train", "eval"):
+        if isinstance(out["data"].get(key), list):
+            out["data"][key] = [shown_uri(s) if isinstance(s, str) else s for s in out["data"][key]]
+    return out
+
+
 def _kind(path: str) -> str | None:
     """File type by extension (any case: ``DATA.JSONL`` too); ``.arrow`` only inside a saved dataset (read via
     its folder)."""

@@ -244,3 +244,17 @@ def test_a_base_model_in_object_storage_is_named_without_credentials():
     cfg = load_config(None, ["model.name=s3://bucket/models/m7?access_key=AKIAEXAMPLE&secret_key=TOPSECRET"])
     info = base_model(cfg)
     assert info["label"] == "m7" and "SECRET" not in json.dumps(info) and "AKIA" not in json.dumps(info)
+
+
+def test_a_run_that_scored_nothing_says_so_and_publishes_no_score(tmp_path):
+    """No held-out row scored (eval.max_examples=0, no text answers): no 0/0 = 0% table and no model-index entry;
+    a small eval fraction is written as it is, a base model in object storage is not called local."""
+    cfg, summary, results, _ = _run_like(tmp_path, "data.eval_fraction=0.004", "data.eval=[]",
+                                         "model.name=s3://bucket/base?X-Amz-Signature=abc123")
+    results = {**results, "n_eval": 0, "scores": {}, "loss": {},
+               "not_scored": "no held-out row could be scored (eval.max_examples=0)"}
+    text = str(model_card.build(cfg, summary, results, tmp_path / "model"))
+    assert "scored nothing: no held-out row could be scored (eval.max_examples=0)" in text
+    assert "| exact_match" not in text and "model-index" not in text
+    assert "a model folder in object storage, `base`" in text and "abc123" not in text
+    assert model_card._eval_sources(cfg).startswith("a seeded 0.4% of the train rows")

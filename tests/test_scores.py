@@ -94,8 +94,84 @@ def test_eval_pairs_follow_the_eval_fraction_split(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(300)))
     pairs = eval_pairs([str(f)], "auto", {}, 1000, fraction_split=(5, 0.1))
-    rows = [int(p[-1]["content"][1:]) + 1 for p, _ in pairs]  # q{i} sits on line i+1
+    rows = [int(p[-1]["content"][1:]) + 1 for p, _, _ in pairs]  # q{i} sits on line i+1
     assert 10 < len(pairs) < 60
     assert all(in_eval_split(str(f), r, 5, 0.1) for r in rows)
-    assert [ref for _, ref in pairs] == [f"a{r - 1}" for r in rows]
+    assert [ref for _, ref, _ in pairs] == [f"a{r - 1}" for r in rows]
     assert len(eval_pairs([str(f)], "auto", {}, 1000)) == 300
+
+
+def test_json_scores_follow_json_types_and_survive_degenerate_answers():
+    from sft_ray.evaluate import json_match, json_valid, score
+
+    assert json_match('{"ok": true}', '{"ok":true}') == 1.0 and json_match("1.0", "1") == 1.0
+    assert json_match("1", "true") == json_match("0", "false") == json_match('{"ok": 1}', '{"ok": true}') == 0.0
+    assert json_valid("NaN") == json_valid("Infinity") == 0.0  # Python's parser takes them; JSON has no such values
+    deep = "[" * 5000  # a looping model: a RecursionError in the parser, scored 0 instead of ending the eval
+    assert json_match(deep, "[1]") == json_valid(deep) == 0.0
+    assert score([deep], ["[1]"])["json_valid"] == [0.0]
+
+
+def nan_scorer(pred, ref):
+    return float("nan")
+
+
+def raising_scorer(pred, ref):
+    raise ZeroDivisionError("empty reference")
+
+
+def test_a_scorer_that_returns_nan_or_raises_is_named_not_reported_as_significant():
+    from sft_ray.evaluate import EvalError, score
+
+    with pytest.raises(EvalError, match=r"tests.test_scores:nan_scorer' returned nan on held-out row 1"):
+        score(["a", "b"], ["a", "b"], ["tests.test_scores:nan_scorer"])
+    with pytest.raises(EvalError, match=r"raising_scorer' failed on held-out row 1: ZeroDivisionError: empty"):
+        score(["a"], ["a"], ["tests.test_scores:raising_scorer"])
+
+
+def test_rows_without_a_text_answer_or_a_question_are_not_scored_and_tools_reach_the_prompt():
+    import json
+
+    from sft_ray.evaluate import _pairs
+
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    records = [
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}, call]},  # the answer is a tool call
+        {"messages": [{"role": "assistant", "content": "Hello! How can I help?"}]},  # nothing asked
+        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "assistant", "content": "Hi"}]},
+        {"tools": tools, "messages": [{"role": "user", "content": "Weather?"}, call,
+                                      {"role": "tool", "content": "sunny", "tool_call_id": None},
+                                      {"role": "assistant", "content": "It is sunny."}]},
+    ]
+    out = _pairs({"source": ["f.jsonl"] * 4, "row": [1, 2, 3, 4], "record": [json.dumps(r) for r in records],
+                  "error": [""] * 4}, "auto", {})
+    assert out["key"] == ["f.jsonl:4"] and out["reference"] == ["It is sunny."]
+    assert json.loads(out["tools"][0]) == tools
+
+
+def test_report_pages_keep_model_text_inert_and_metrics_json_strict(tmp_path):
+    import json
+
+    from sft_ray import report
+
+    evil = "ok</td></table><script>alert(1)</script>\n# not a heading\nuse ```x``` here"
+    res = {"n_eval": 0, "scores": {}, "not_scored": "no held-out row could be scored",
+           "eval_data": ["s3://b/eval.jsonl"], "probes": [{"question": "q?", "before": evil, "after": "fine"}],
+           "examples": [{"prompt": "p", "reference": "r", "before": evil, "after": float("nan")}]}
+    summary = {"config": {"model": {"name": "s3://bucket/m?X-Amz-Signature=abc123"},
+                          "data": {"train": ["https://user:tok@h/x.jsonl"]}},
+               "metrics": {"loss": float("nan")}}
+    res["examples"][0]["after"] = "x"
+    report.write(tmp_path, res, summary)
+    md = (tmp_path / "report.md").read_text()
+    fenced = md.split("````\n")  # the fence is longer than the answer's own ``` run
+    assert any(part.startswith(evil) for part in fenced), md
+    assert "\n# not a heading" not in md.replace(evil, "")
+    assert "Not scored: no held-out row could be scored." in md and "| exact_match" not in md
+    text = (tmp_path / "metrics.json").read_text()
+    assert json.loads(text)["run"]["metrics"]["loss"] is None and "NaN" not in text
+    for page in ("report.md", "report.html"):
+        page_text = (tmp_path / page).read_text()
+        assert "abc123" not in page_text and "user:tok" not in page_text, page
