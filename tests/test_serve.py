@@ -188,6 +188,11 @@ def test_auth(server):
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 30000}]}, 413, "request_too_large"),
         # edges a real client can send: each a 4xx that says what is wrong, never a 500
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, "invalid_value"),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": ' + b"9" * 5000 + b"}", 400,
+         "invalid_json"),  # Python will not read an integer of 5,000 digits: a 500 before
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]},
+         400, "invalid_value"),  # OpenAI's limit; every streamed piece is checked against each stop string
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": "z" * 1000}, 400, "invalid_value"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
          400, "invalid_json"),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_value"),
@@ -440,3 +445,25 @@ def test_every_field_this_backend_does_not_do_is_refused_by_its_name(server):
                        json={"model": "tiny", "prompt": "x", "max_tokens": 2, name: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
     assert httpx.post(f"{server}/chat/completions", headers=headers, json=base).status_code == 200
+
+
+def test_an_answer_leaves_the_batch_at_its_stop_string_and_null_options_are_defaults(server, local_model):
+    """Non-streaming with a stop string: the row stops being decoded when the text reaches it (it used to run on
+    to max_tokens and only then be cut). ``null`` for an option is its default, as in OpenAI's API."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}
+    free = httpx.post(f"{server}/chat/completions", headers=headers, json={**base, "max_tokens": 6}).json()
+    text = free["choices"][0]["message"]["content"]
+    assert len(text) >= 3, text
+    decoded = httpx.get(f"{server}/stats", headers=headers).json()["decoded_tokens"]
+    stopped = httpx.post(f"{server}/chat/completions", headers=headers,
+                         json={**base, "max_tokens": 64, "stop": [text[1:3]]}).json()
+    assert "choices" in stopped, stopped
+    got = stopped["choices"][0]["message"]["content"]
+    assert stopped["choices"][0]["finish_reason"] == "stop" and text.strip().startswith(got.strip()), (got, text)
+    spent = httpx.get(f"{server}/stats", headers=headers).json()["decoded_tokens"] - decoded
+    assert spent <= 6, spent  # not 64
+    nulls = httpx.post(f"{server}/chat/completions", headers=headers,
+                       json={**base, "max_tokens": 6, "temperature": None, "top_p": None, "n": None, "stream": None,
+                             "presence_penalty": None, "frequency_penalty": None})
+    assert nulls.status_code == 200, nulls.text

@@ -93,6 +93,12 @@ def test_the_rules_hold_under_a_route_prefix(url):
     ({"model": "m", "max_tokens": 100000.0}, 400, "invalid_value"),
     ({"model": "m", "x": "y" * 30000}, 413, "request_too_large"),
     (b'{"model": "m", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400, "invalid_json"),
+    (b'{"model": "m", "seed": ' + b"9" * 5000 + b"}", 400, "invalid_json"),  # passed on unread before
+    # max_tokens bounds one answer; n, best_of and a list of prompts multiply it
+    ({"model": "m", "max_tokens": 8, "n": 1000}, 400, "invalid_value"),
+    ({"model": "m", "max_tokens": 8, "best_of": 200}, 400, "invalid_value"),
+    ({"model": "m", "max_tokens": 8, "prompt": ["p"] * 17}, 400, "invalid_value"),
+    ({"model": "m", "max_tokens": 8, "n": "4"}, 400, "invalid_value"),
 ])
 def test_what_the_guard_refuses(url, body, status, code):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
-from sft_ray.serve.engine import Engine, GenRequest, GenResult
+from sft_ray.serve.engine import Detokenizer, Engine, GenRequest, GenResult
 from sft_ray.serve.guard import bearer_ok, check_max_tokens, read_capped, unauthorized
 from sft_ray.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice,
                                     ChatCompletion, ChatRequest, Completion, CompletionChoice, CompletionChunk,
@@ -166,9 +166,13 @@ class OpenAIServer:
         if self.engine.batcher is None:
             return await self._batched(gen)
         h = self.engine.batcher.submit(gen, None, asyncio.get_running_loop())
+        # with stop strings the text is watched as it comes, and the row leaves the batch at the first one (it used
+        # to run on to max_tokens, holding its slot); the batcher then ends it with the ids so far
+        detok = Detokenizer(self.engine.decode) if any(gen.stop) else None
         try:
-            while await h.next_token() is not None:
-                pass
+            while (tok := await h.next_token()) is not None:
+                if detok is not None and detok.add(tok) and any(x in detok.sent for x in gen.stop if x):
+                    h.cancelled.set()
         finally:
             h.cancelled.set()  # a client gone mid-way frees the slot
         if "error" in h.result:
@@ -310,7 +314,8 @@ class OpenAIServer:
                 "batches": self.batches, "batched_requests": self.batched_requests,
                 "continuous_batching": b is not None, "running": b.running if b else None,
                 "most_running": b.most_running if b else None,
-                "prefill_forwards": b.prefills if b else None, "prefilled_requests": b.prefilled if b else None}
+                "prefill_forwards": b.prefills if b else None, "prefilled_requests": b.prefilled if b else None,
+                "decoded_tokens": b.decoded if b else None}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

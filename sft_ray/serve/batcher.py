@@ -76,6 +76,7 @@ class ContinuousBatcher:
         self.running = 0  # requests in the batch now (read by the app's metrics)
         self.most_running = 0  # the most requests decoded together so far
         self.prefills = self.prefilled = 0  # prefill forwards, and the requests they held
+        self.decoded = 0  # tokens generated, all requests together
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -250,6 +251,7 @@ class ContinuousBatcher:
 
     def _take(self, row: _Row, tok: int) -> None:
         row.ids.append(tok)
+        self.decoded += 1
         if tok not in self.eos_ids:
             row.handle.put(tok)
 

@@ -282,7 +282,7 @@ class Engine:
 
     def _pieces(self, h):
         """Text as the batcher's token ids arrive (a thread waits on them)."""
-        detok = _Detok(self.decode)
+        detok = Detokenizer(self.decode)
         while True:
             tok = h.tokens.get()
             piece = detok.add(tok)
@@ -294,7 +294,7 @@ class Engine:
     async def apieces(self, h):
         """(text, tokens so far) as the batcher's token ids arrive, for a request submitted with the event loop
         (nothing blocks); the count says which of ``h.result["logprobs"]`` a piece's tokens are."""
-        detok = _Detok(self.decode)
+        detok = Detokenizer(self.decode)
         while True:
             tok = await h.next_token()
             piece = detok.add(tok)
@@ -304,7 +304,7 @@ class Engine:
                 return
 
 
-class _Detok:
+class Detokenizer:
     """Token ids to text pieces, decoded whole each time so that a character made of several tokens comes out
     complete: a piece never ends in half a character (until the end)."""
 

@@ -109,8 +109,10 @@ class Guard:
             data: Any = json.loads(body)
         except RecursionError:
             raise APIError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep", "invalid_json") from None
-        except (ValueError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return body
+        except ValueError as e:  # valid JSON Python will not read (an integer of thousands of digits)
+            raise APIError(400, f"request body cannot be read: {e}", "invalid_json") from None
         if not isinstance(data, dict):
             return body
         if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
@@ -120,9 +122,28 @@ class Guard:
             if not isinstance(v, int) or isinstance(v, bool):  # "100000" or 1e5 would pass lax parsing behind
                 raise APIError(400, f"{k} must be an integer, got {json.dumps(v)}", "invalid_value", k)
             check_max_tokens(v, self.max_tokens_limit)
+        check_sequences(data)
         if asked or not path.endswith(GENERATION_PATHS):
             return body
         return json.dumps({**data, "max_tokens": self.default_max_tokens}).encode()
+
+
+MAX_SEQUENCES = 16  # answers one request may ask vLLM for: n (or best_of) x prompts
+
+
+def check_sequences(data: dict) -> None:
+    """``max_tokens`` bounds one answer; ``n``, ``best_of`` and a list of prompts multiply it."""
+    for k in ("n", "best_of"):
+        v = data.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise APIError(400, f"{k} must be a positive integer, got {json.dumps(v)}", "invalid_value", k)
+    prompt = data.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    each = max(data.get("n") or 1, data.get("best_of") or 1)
+    if each * prompts > MAX_SEQUENCES:
+        param = "prompt" if prompts > 1 else ("best_of" if (data.get("best_of") or 1) >= each else "n")
+        raise APIError(400, f"this request asks for {each * prompts} answers ({prompts} prompt(s) x {each}); this "
+                            f"server generates at most {MAX_SEQUENCES} per request", "invalid_value", param)
 
 
 def _replay(body: bytes, receive):

@@ -10,7 +10,7 @@ import json
 from itertools import accumulate
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 MAX_JSON_DEPTH = 64  # OpenAI requests nest a few levels; thousands of levels is an attack on the parser
 
@@ -74,6 +74,11 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # padding against length side channels: nothing to pad here
 
 
+MAX_STOP, MAX_STOP_CHARS = 4, 256
+NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+                                "echo"})
+
+
 class _Common(BaseModel):
     """Every field of OpenAI's request is honoured, refused by name when set (``unsupported``), or has no effect on
     the answer (``user``, ``metadata``, ``store``, ``service_tier``, ...); an unknown field is refused by name, as
@@ -84,7 +89,7 @@ class _Common(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # at most MAX_STOP strings of at most MAX_STOP_CHARS (see _stop)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generator takes
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -101,6 +106,23 @@ class _Common(BaseModel):
     safety_identifier: str | None = None
     # accepted by OpenAI, not implemented here: refused by name (see ``unsupported``), never silently ignored
     response_format: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """``"temperature": null`` means the default in OpenAI's API (clients send it for an unset option)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        """OpenAI's limit of 4, each of bounded length: every streamed piece is checked against each of them."""
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return v
 
     def biases(self) -> dict[int, float] | None:
         """``logit_bias`` with token ids as ints; an entry that is not a token id or whose bias is out of
@@ -197,6 +219,8 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON", "invalid_json") from None
+    except ValueError as e:  # valid JSON Python will not read: an integer of thousands of digits
+        raise APIError(400, f"request body cannot be read: {e}", "invalid_json") from None
     except RecursionError:
         raise APIError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep", "invalid_json") from None
     if not isinstance(data, dict):
