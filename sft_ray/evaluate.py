@@ -270,7 +270,7 @@ def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[flo
     rng = random.Random(seed)
     k = len(values)
     means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return (means[int(0.025 * n)], means[min(n - 1, int(0.975 * n))])
+    return (means[round(0.025 * (n - 1))], means[round(0.975 * (n - 1))])  # the 2.5th and 97.5th percentiles
 
 
 def mcnemar_exact(before: list[float], after: list[float]) -> dict[str, Any]:

@@ -207,6 +207,21 @@ def test_playground_streams_the_greedy_answer(browser, server, tmp_path, pytestc
     assert len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 4
     assert prompt.get_attribute("value") == "too long"
 
+    # Clear while an answer streams starts a new conversation: the next request carries only its own turn
+    browser.execute_script("window._bodies = []; const f = window.fetch; window.fetch = (u, o) => {"
+                           " if (o && o.body) window._bodies.push(JSON.parse(o.body)); return f(u, o); };")
+    find(By.ID, "max-tokens").clear()
+    find(By.ID, "max-tokens").send_keys("64")
+    prompt.clear()
+    prompt.send_keys("a long answer please", Keys.ENTER)
+    find(By.ID, "clear").click()
+    wait.until(lambda d: not d.find_element(By.ID, "send").get_attribute("hidden"))
+    prompt.send_keys("fresh start", Keys.ENTER)
+    wait.until(lambda d: len(d.execute_script("return window._bodies")) >= 2)
+    wait.until(lambda d: not d.find_element(By.ID, "send").get_attribute("hidden"))
+    last = browser.execute_script("return window._bodies")[-1]
+    assert [m["content"] for m in last["messages"]] == ["fresh start"], last["messages"]
+
     _screenshot(browser, tmp_path / "playground.png", pytestconfig)
 
 

@@ -40,6 +40,15 @@ def test_bootstrap_interval_brackets_the_mean():
     assert lo < 0.3 < hi and 0.18 < lo and hi < 0.42
     assert bootstrap_ci([1.0] * 20) == (1.0, 1.0)
     assert bootstrap_ci([]) == (0.0, 0.0)
+    # the bounds sit at numpy's 2.5th and 97.5th percentiles of the same resampled means (rank for rank)
+    import random
+
+    import numpy as np
+
+    rng, k = random.Random(0), len(values)
+    means = [sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(2000)]
+    want = np.percentile(means, [2.5, 97.5], method="nearest")
+    assert (lo, hi) == (float(want[0]), float(want[1]))
 
 
 def test_token_f1_and_rouge_l_by_hand():
