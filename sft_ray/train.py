@@ -62,6 +62,8 @@ def _upload(path: str, uri: str) -> str:
 
     try:
         fs, dest = pafs.FileSystem.from_uri(uri)
+        if fs.type_name == "local":  # file://: a shared mount, say; a bucket needs no folders
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(dest) as f:
             f.write(Path(path).read_bytes())
     except (OSError, ValueError) as e:

@@ -294,8 +294,12 @@ def test_generated_data_goes_beside_checkpoints_in_object_storage(s3, tmp_path):
     for uri, local in ((train[0], tmp_path / "data" / "train.jsonl"), (evals[0], tmp_path / "data" / "eval.jsonl")):
         assert [r["record"] for r in iter_file(uri)] == [r["record"] for r in iter_file(str(local))]
     assert len(list(iter_file(train[0]))) == 12
-    # a local storage path keeps the local files; a bucket that is not there is named
+    # a local storage path keeps the local files; a file:// one (a shared mount) gets its folders made; a bucket
+    # that is not there is named
     assert resolve_data(load_config(None, [f"output_dir={tmp_path}"]))[0] == [str(tmp_path / "data" / "train.jsonl")]
+    shared = resolve_data(load_config(None, [f"output_dir={tmp_path}", f"train.storage_path=file://{tmp_path}/nfs",
+                                             "train.name=gen"]))[0]
+    assert shared == [f"file://{tmp_path}/nfs/gen/data/train.jsonl"] and len(list(iter_file(shared[0]))) > 0
     with pytest.raises(SourceError, match=r"s3://no-such-bucket/runs/gen/data/train.jsonl: cannot write the generated"):
         resolve_data(load_config(None, [f"output_dir={tmp_path}", "train.storage_path=s3://no-such-bucket/runs",
                                         "train.name=gen"]))
