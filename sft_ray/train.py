@@ -30,9 +30,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
 def resolve_data(cfg: Config) -> tuple[list[str], list[str]]:
     """Data specs for train and eval; ``generated[:TASK]`` writes a built-in task under ``output_dir/data``,
-    and, where ``train.storage_path`` is object storage, also beside the run's checkpoints
-    (``{storage_path}/{train.name}/data/``), read from there: on a cluster the data tasks run on other nodes
-    than the driver, which do not have its disk."""
+    and, where ``train.storage_path`` is a URI (object storage, or ``file://`` on a shared mount), also beside
+    the runs there (``{storage_path}/.sft-ray-generated/{train.name}/``), read from there: on a cluster the
+    data tasks run on other nodes than the driver, which do not have its disk."""
     from sft_ray import synthetic
 
     out: dict[str, tuple[str, str]] = {}
@@ -45,14 +45,17 @@ def resolve_data(cfg: Config) -> tuple[list[str], list[str]]:
             tr, ev = synthetic.write_task(folder, cfg.data.generated_train_rows, cfg.data.generated_eval_rows,
                                           cfg.seed, task)
             out[task] = (str(tr), str(ev))
-            if "://" in cfg.storage_path:
-                out[task] = tuple(_upload(p, "/".join([cfg.storage_path.rstrip("/"), cfg.train.name, "data", *sub,
-                                                       Path(p).name])) for p in out[task])
+            if "://" in cfg.storage_path:  # beside the run's folder, not in it: train.resume=false deletes that
+                out[task] = tuple(_upload(p, "/".join([cfg.storage_path.rstrip("/"), GENERATED_DIR, cfg.train.name,
+                                                       *sub, Path(p).name])) for p in out[task])
         return out[task]
 
     train = [files(s)[0] if synthetic.is_generated(s) else s for s in cfg.data.train]
     evals = [files(s)[1] if synthetic.is_generated(s) else s for s in cfg.data.eval]
     return train, evals
+
+
+GENERATED_DIR = ".sft-ray-generated"
 
 
 def _upload(path: str, uri: str) -> str:

@@ -290,7 +290,9 @@ def test_generated_data_goes_beside_checkpoints_in_object_storage(s3, tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", f"train.storage_path=s3://{BUCKET}/runs", "train.name=gen",
                              "data.generated_train_rows=12", "data.generated_eval_rows=4", "data.eval=[generated]"])
     train, evals = resolve_data(cfg)
-    assert (train, evals) == ([f"s3://{BUCKET}/runs/gen/data/train.jsonl"], [f"s3://{BUCKET}/runs/gen/data/eval.jsonl"])
+    # beside the run's folder, not in it (train.resume=false deletes that folder, and Ray Train owns it)
+    gen = f"s3://{BUCKET}/runs/.sft-ray-generated/gen"
+    assert (train, evals) == ([f"{gen}/train.jsonl"], [f"{gen}/eval.jsonl"])
     for uri, local in ((train[0], tmp_path / "data" / "train.jsonl"), (evals[0], tmp_path / "data" / "eval.jsonl")):
         assert [r["record"] for r in iter_file(uri)] == [r["record"] for r in iter_file(str(local))]
     assert len(list(iter_file(train[0]))) == 12
@@ -299,8 +301,8 @@ def test_generated_data_goes_beside_checkpoints_in_object_storage(s3, tmp_path):
     assert resolve_data(load_config(None, [f"output_dir={tmp_path}"]))[0] == [str(tmp_path / "data" / "train.jsonl")]
     shared = resolve_data(load_config(None, [f"output_dir={tmp_path}", f"train.storage_path=file://{tmp_path}/nfs",
                                              "train.name=gen"]))[0]
-    assert shared == [f"file://{tmp_path}/nfs/gen/data/train.jsonl"] and len(list(iter_file(shared[0]))) > 0
-    with pytest.raises(SourceError, match=r"s3://no-such-bucket/runs/gen/data/train.jsonl: cannot write the generated"):
+    assert shared == [f"file://{tmp_path}/nfs/.sft-ray-generated/gen/train.jsonl"] and len(list(iter_file(shared[0]))) > 0
+    with pytest.raises(SourceError, match=r"s3://no-such-bucket/runs/.sft-ray-generated/gen/train.jsonl: cannot write"):
         resolve_data(load_config(None, [f"output_dir={tmp_path}", "train.storage_path=s3://no-such-bucket/runs",
                                         "train.name=gen"]))
 
