@@ -148,8 +148,8 @@ def score_models(model_dirs: dict[str, str], eval_file: str, max_new_tokens: int
     init_ray(cfg)
     pairs = evaluate.eval_pairs([eval_file], "auto", {}, limit)
     tok = _tokenizer(cfg.model)
-    prompts = evaluate.render_prompts(tok, [p for p, _ in pairs])
-    refs = [r for _, r in pairs]
+    prompts = evaluate.render_prompts(tok, [p for p, _, _ in pairs], tools=[t for _, _, t in pairs])
+    refs = [r for _, r, _ in pairs]
     out = {}
     for name, model_dir in model_dirs.items():
         answers = evaluate.generate(model_dir, prompts, tok, max_new_tokens, 16, 2)

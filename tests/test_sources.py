@@ -87,7 +87,7 @@ def test_every_source_kind_trains_and_evaluates(kind, tmp_path, tiny_model_dir, 
     assert (st.rows, st.bad) == (6, 0), st.errors
     pairs = eval_pairs([spec], "auto", {}, limit=4)  # the eval position: the same read path
     assert len(pairs) == 4
-    assert [ref for _, ref in pairs] == [f"answer {i}" for i in range(4)]  # the first rows, in order
+    assert [ref for _, ref, _ in pairs] == [f"answer {i}" for i in range(4)]  # the first rows, in order
     assert pairs[0][0][-1] == {"role": "user", "content": "question 0"}
 
 
