@@ -91,8 +91,8 @@ def _serve_forever(model_dir: str, cfg) -> int:
     try:  # Ctrl-C (SIGINT) stops cleanly, also while the app is still starting
         url = sft_serve.start(model_dir, cfg, key)
         say(f"serving {model_dir} at {url} ({'API key required' if key else 'no API key'}); Ctrl-C stops")
-        while True:
-            time.sleep(3600)
+        while True:  # short sleeps: the kernel may hand Ctrl-C to one of Ray's threads, and then only a main
+            time.sleep(0.5)  # thread that wakes up runs Python's handler (a long sleep once ignored it for 60 s+)
     except KeyboardInterrupt:
         say("stopping")
         serve.shutdown()

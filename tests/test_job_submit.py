@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
+    """One `ray start --head` for the module's three tests (each start and stop costs ~10 s on 2 cores); every
+    job on it ends before the next test starts."""
     # Ray 2.60 turns token auth on for `ray start`; the venv's bin first on PATH, as after `source .venv/bin/activate`,
     # so that the job's `python` entrypoint is the interpreter that has sft-ray's dependencies
     env = {**os.environ, "RAY_AUTH_MODE": "token",

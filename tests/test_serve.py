@@ -89,8 +89,12 @@ def test_streaming_matches_non_streaming(server):
     client = openai.OpenAI(base_url=server, api_key=KEY)
     messages = [{"role": "user", "content": "Tell me a story."}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    time.sleep(1.1)  # the replica, made before, is now seconds older than the answer
+    t0 = int(time.time())
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
                                                  stream=True))
+    # every chunk carries when this answer was made (not when the replica started), as OpenAI's streams do
+    assert {c.created for c in chunks} <= set(range(t0, int(time.time()) + 1)) and len({c.created for c in chunks}) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == full.choices[0].message.content
     assert len(chunks) >= 3  # role, pieces, finish

@@ -252,3 +252,14 @@ def test_a_template_that_refuses_the_messages_is_the_requests_fault(tiny_model_d
         OpenAIServer.func_or_class._chat_ids(server, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
     assert e.value.status == 400 and "System role not supported" in e.value.message and e.value.param == "messages"
     assert OpenAIServer.func_or_class._chat_ids(server, [{"role": "user", "content": "y"}])
+
+
+def test_stop_strings_end_the_text_at_the_earliest_and_hold_back_only_their_beginnings():
+    """The one place the app's stream, its non-streaming path and the engine's final cut ask (``stops.py``)."""
+    from sft_ray.serve.stops import StopStrings
+
+    s = StopStrings(["END", "", "\n\n"])
+    assert s and StopStrings("").stops == () and not StopStrings(None)
+    assert s.find("a\n\nb END") == 1 and s.find("a END\n\n") == 2 and s.find("nothing") == -1
+    assert s.may_begin("text E") and s.may_begin("text EN") and s.may_begin("x\n")
+    assert not s.may_begin("text END") and not s.may_begin("text") and not StopStrings("").may_begin("")

@@ -14,6 +14,7 @@ away. Bad requests get an OpenAI-style error body and a 4xx (``protocol.py``); t
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -34,10 +35,12 @@ from sft_ray.serve.protocol import (APIError, AssistantMessage, ChatChoice, Chat
                                     ChatCompletion, ChatRequest, Completion, CompletionChoice, CompletionChunk,
                                     CompletionRequest, Delta, Model, ModelList, PieceChoice, _Common, chat_logprobs,
                                     completion_logprobs, error_body, parse_body, sse, unsupported, usage)
+from sft_ray.serve.stops import StopStrings
 
 log = logging.getLogger("sft_ray.serve")
 
 app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None)
+STREAM_FAILED = "generating this answer failed on the server (the replica keeps serving; the reason is in its log)"
 
 
 def _playground() -> tuple[str, dict[str, str]]:
@@ -140,7 +143,7 @@ class OpenAIServer:
             raise APIError(400, f"the prompt is {len(input_ids)} tokens; with max_tokens={max_tokens} that exceeds the "
                                 f"model's context of {self.engine.context_length} tokens",
                            "context_length_exceeded", "messages")
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        stop = StopStrings(req.stop).stops
         k = req.logprob_count()
         if k is not None and req.stream and self.engine.batcher is None:
             raise APIError(400, "logprobs in a stream need serve.continuous_batching=true (this replica streams through "
@@ -168,10 +171,11 @@ class OpenAIServer:
         h = self.engine.batcher.submit(gen, None, asyncio.get_running_loop())
         # with stop strings the text is watched as it comes, and the row leaves the batch at the first one (it used
         # to run on to max_tokens, holding its slot); the batcher then ends it with the ids so far
-        detok = Detokenizer(self.engine.decode) if any(gen.stop) else None
+        stops = gen.stops
+        detok = Detokenizer(self.engine.decode) if stops else None
         try:
             while (tok := await h.next_token()) is not None:
-                if detok is not None and detok.add(tok) and any(x in detok.sent for x in gen.stop if x):
+                if detok is not None and detok.add(tok) and stops.find(detok.sent) >= 0:
                     h.cancelled.set()
         finally:
             h.cancelled.set()  # a client gone mid-way frees the slot
@@ -193,7 +197,7 @@ class OpenAIServer:
 
         return pieces(), thread, result
 
-    def _chunk(self, cid: str, kind: str, model: str, piece: str | None, finish: str | None = None,
+    def _chunk(self, cid: str, created: int, kind: str, model: str, piece: str | None, finish: str | None = None,
                lps: list | None = None, offset: int = 0) -> str:
         """One stream message: a chat delta or a completion text piece, with its tokens' log-probabilities."""
         described = self.engine.describe(lps) if lps is not None else None
@@ -201,16 +205,18 @@ class OpenAIServer:
             delta = Delta(role="assistant", content="") if piece is None and finish is None else Delta(content=piece)
             choice = ChatChunkChoice(delta=delta, finish_reason=finish,
                                      logprobs=chat_logprobs(described) if described is not None else None)
-            return sse(ChatChunk(id=cid, created=self.created, model=model, choices=[choice]))
+            return sse(ChatChunk(id=cid, created=created, model=model, choices=[choice]))
         choice = PieceChoice(text=piece or "", finish_reason=finish,
                              logprobs=completion_logprobs(described, offset) if described is not None else None)
-        return sse(CompletionChunk(id=cid, created=self.created, model=model, choices=[choice]))
+        return sse(CompletionChunk(id=cid, created=created, model=model, choices=[choice]))
 
     async def _stream(self, gen: GenRequest, kind: str, model: str, with_usage: bool,
                       offset: int = 0) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())  # when this answer was made (every chunk carries it), as OpenAI's streams do
         cancelled = threading.Event()
         pieces, thread, result = self._start_stream(gen, cancelled)
+        stops = gen.stops
         self.active_streams += 1
         sent = ""
         finish = "length"
@@ -226,14 +232,15 @@ class OpenAIServer:
 
         try:
             if kind == "chat":
-                yield self._chunk(cid, kind, model, None)
+                yield self._chunk(cid, created, kind, model, None)
             held: list[tuple[str, int | None]] = []  # pieces not sent yet: their text may begin a stop string
 
             def release() -> str:
                 """The held pieces as one stream message, with their tokens' log-probabilities."""
                 nonlocal sent, held
                 whole = sent + "".join(p for p, _ in held)
-                chunk = self._chunk(cid, kind, model, whole[len(sent):], None, lps(held[-1][1]), offset + len(sent))
+                chunk = self._chunk(cid, created, kind, model, whole[len(sent):], None, lps(held[-1][1]),
+                                    offset + len(sent))
                 sent, held = whole, []
                 return chunk
 
@@ -242,7 +249,7 @@ class OpenAIServer:
                     continue
                 held.append((piece, n))
                 whole = sent + "".join(p for p, _ in held)
-                stop_at = min((whole.find(s) for s in gen.stop if s and s in whole), default=-1)
+                stop_at = stops.find(whole)
                 if stop_at >= 0:  # the text up to it, with the tokens up to the one that completes that text
                     upto, end = None, len(sent)
                     for p, k in held:
@@ -250,12 +257,12 @@ class OpenAIServer:
                         if end >= stop_at:
                             break
                     if stop_at > len(sent):
-                        yield self._chunk(cid, kind, model, whole[len(sent):stop_at], None, lps(upto),
+                        yield self._chunk(cid, created, kind, model, whole[len(sent):stop_at], None, lps(upto),
                                           offset + len(sent))
                     sent, finish = whole[:stop_at], "stop"
                     cancelled.set()
                     break
-                if not any(whole.endswith(s[:k]) for s in gen.stop if s for k in range(1, len(s))):
+                if not stops.may_begin(whole):
                     yield release()
             if held and finish != "stop":  # the end came while text was held back for a stop string that never came
                 yield release()
@@ -267,13 +274,17 @@ class OpenAIServer:
                 finish, n_completion = done.finish_reason, done.completion_tokens
             else:
                 n_completion = await asyncio.to_thread(self.engine.count_tokens, sent)
-            yield self._chunk(cid, kind, model, "" if kind == "text" else None, finish)
+            yield self._chunk(cid, created, kind, model, "" if kind == "text" else None, finish)
             if with_usage:
                 counts = usage(len(gen.input_ids), n_completion)
-                yield sse((ChatChunk if kind == "chat" else CompletionChunk)(id=cid, created=self.created, model=model,
+                yield sse((ChatChunk if kind == "chat" else CompletionChunk)(id=cid, created=created, model=model,
                                                                              choices=[], usage=counts))
             yield "data: [DONE]\n\n"
             completed = True
+        except Exception:  # the 200 is sent: the failure is the stream's last event (the openai client raises it)
+            log.exception("a stream failed")
+            yield f"data: {json.dumps(error_body(STREAM_FAILED, 'internal_error', type_='server_error'))}\n\n"
+            yield "data: [DONE]\n\n"
         finally:  # client gone (cancelled) or done: stop generating, free the slot
             cancelled.set()
             self.active_streams -= 1

@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from sft_ray.serve.stops import StopStrings
+
 
 @dataclass
 class GenRequest:
@@ -23,6 +25,10 @@ class GenRequest:
     presence_penalty: float = 0.0  # OpenAI's penalties on the tokens generated so far (not the prompt's)
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before choosing
+
+    @property
+    def stops(self) -> StopStrings:
+        return StopStrings(self.stop)
 
     def adjusts(self) -> bool:
         """Whether the logits are changed before a token is chosen (then even a greedy row needs ``_RowSampler``)."""
@@ -208,7 +214,7 @@ class Engine:
         text = self.decode(ids)
         n = len(ids)
         kept = n
-        cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
+        cut = r.stops.find(text)
         if cut >= 0:
             text, reason = text[:cut], "stop"
             n = self.count_tokens(text)
