@@ -1,6 +1,7 @@
 """`sft-ray serve` as a user runs it: a subprocess, key from an env var, 127.0.0.1, Ctrl-C stops it."""
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -27,11 +28,12 @@ def _ctrl_c_to_another_thread(pid: int) -> None:
         return not blocked & (1 << (signal.SIGINT - 1))
 
     others = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid) and unblocked(t)]
-    if not others:  # nothing but the main thread takes it
+    tgkill = {"x86_64": 234, "aarch64": 131}.get(platform.machine())  # the syscall's number differs by architecture
+    if not others or tgkill is None:  # nothing but the main thread takes it, or no known tgkill: the plain signal
         os.kill(pid, signal.SIGINT)
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.syscall(234, pid, int(others[0]), signal.SIGINT) == 0, ctypes.get_errno()  # tgkill (x86-64)
+    assert libc.syscall(tgkill, pid, int(others[0]), signal.SIGINT) == 0, ctypes.get_errno()
 
 
 def test_sft_ray_serve_command(tiny_model_dir, tmp_path):
