@@ -7,8 +7,9 @@ in one run.
 In-process baselines, greedy, 2 threads: ``generate`` one request at a time; ``generate`` on batches of 8 (what
 the hardware does when the prompts are known together: the static-batching figure); the engine's continuous
 batcher with 8 requests submitted together; transformers' own continuous batching (``generate_batch``, paged
-attention) on the same 8. Then the endpoint (12 setups of ``--requests`` each), and the endpoint with
-``serve.continuous_batching=false`` at concurrency 8. Last line: JSON with ``ratio_c8_vs_inprocess_batched``,
+attention) on the same 8 (the batcher with its prefix cache, as served; the prompts share their system prompt
+and task instructions). Then the endpoint (12 setups of ``--requests`` each), and the endpoint at concurrency 8
+with ``serve.continuous_batching=false`` and with ``serve.prefix_cache_tokens=0``. Last line: JSON with ``ratio_c8_vs_inprocess_batched``,
 ``ratio_c8_vs_inprocess_sequential`` (generated tokens/s, non-streaming), ``ratio_c8_stream_vs_nonstream``,
 every setup's ratio to the in-process batch of 8, and the error count (must be 0).
 """
@@ -46,6 +47,7 @@ def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads
     torch.set_num_threads(threads)
     static = Engine(model_dir, continuous=False)
     cont = Engine(model_dir, continuous=True)
+    cont_off = Engine(model_dir, continuous=True, prefix_cache_tokens=0)
     reqs = [GenRequest(static.chat_ids(c), max_tokens, 0.0, 1.0, (), None) for c in convs]
     out: dict[str, dict] = {}
 
@@ -68,12 +70,13 @@ def in_process(model_dir: str, convs: list[list[dict]], max_tokens: int, threads
         res += static.generate(reqs[i:i + 8])
         lat += [time.time() - s] * len(reqs[i:i + 8])
     record("in_process_batch8", t0, lat, res)
-    t0, lat, res = time.time(), [], []
-    for i in range(0, len(reqs), 8):
-        s = time.time()
-        res += cont.generate(reqs[i:i + 8])  # submitted together: prefilled together, decoded as one batch
-        lat += [time.time() - s] * len(reqs[i:i + 8])
-    record("in_process_continuous8", t0, lat, res)
+    for name, eng in (("in_process_continuous8", cont), ("in_process_continuous8_noprefix", cont_off)):
+        t0, lat, res = time.time(), [], []
+        for i in range(0, len(reqs), 8):
+            s = time.time()
+            res += eng.generate(reqs[i:i + 8])  # submitted together: prefilled together, decoded as one batch
+            lat += [time.time() - s] * len(reqs[i:i + 8])
+        record(name, t0, lat, res)
     gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(static.eos_ids),
                           pad_token_id=static.tok.pad_token_id)
     t0, lat, res = time.time(), [], []
@@ -132,7 +135,7 @@ async def endpoint(url: str, convs: list[list[dict]], conc: int, max_tokens: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--requests", type=int, default=48, help="per endpoint setup (12 setups, plus 2 with it off)")
+    ap.add_argument("--requests", type=int, default=48, help="per endpoint setup (12 setups, plus 4 at c8)")
     ap.add_argument("--baseline-requests", type=int, default=16, help="per in-process setup (4 setups)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baselines")
@@ -150,13 +153,18 @@ def main() -> None:
     convs = prompts(a.requests)
     results, same_text = in_process(model_dir, convs[: a.baseline_requests], a.max_tokens, a.cpus)
     base = [f"serve.port={a.port}", "serve.model_name=bench", f"serve.cpus_per_replica={a.cpus}"]
-    for continuous in (True, False):
-        url = start(model_dir, load_config(None, [*base, f"serve.continuous_batching={str(continuous).lower()}"]))
+    # (name suffix, overrides, streams, concurrencies): the full grid as configured by default, then at c8 only
+    # continuous batching off (@serve.batch) and the prefix cache off
+    variants = [("", [], ("no", "yes", "mix"), (1, 4, 8, 16)),
+                ("_static", ["serve.continuous_batching=false"], ("no", "yes"), (8,)),
+                ("_noprefix", ["serve.prefix_cache_tokens=0"], ("no", "yes"), (8,))]
+    for suffix, overrides, streams, concs in variants:
+        url = start(model_dir, load_config(None, [*base, *overrides]))
         try:
             asyncio.run(endpoint(url, convs[:8], 8, a.max_tokens, "no"))  # warm-up
-            for stream in ("no", "yes", "mix") if continuous else ("no", "yes"):
-                for conc in (1, 4, 8, 16) if continuous else (8,):
-                    key = f"endpoint{'' if continuous else '_static'}_{dict(no='', yes='stream_', mix='mix_')[stream]}c{conc}"
+            for stream in streams:
+                for conc in concs:
+                    key = f"endpoint{suffix}_{dict(no='', yes='stream_', mix='mix_')[stream]}c{conc}"
                     results[key] = asyncio.run(endpoint(url, convs, conc, a.max_tokens, stream))
                     results[key]["max_running"] = httpx.get(f"{url}/stats").json()["most_running"]  # so far
         finally:
@@ -173,6 +181,8 @@ def main() -> None:
         "ratio_c8_vs_inprocess_sequential": round(tps["endpoint_c8"] / tps["in_process_sequential"], 3),
         "ratio_c8_stream_vs_nonstream": round(tps["endpoint_stream_c8"] / tps["endpoint_c8"], 3),
         "ttft_p50_c8_stream_s": round(results["endpoint_stream_c8"]["ttft_p50_s"], 3),
+        "ttft_p50_c8_stream_prefix_cache_off_s": round(results["endpoint_noprefix_stream_c8"]["ttft_p50_s"], 3),
+        "ratio_c8_prefix_cache_on_vs_off": round(tps["endpoint_c8"] / tps["endpoint_noprefix_c8"], 3),
         "ratio_vs_in_process_batch8": {k: round(v / tps["in_process_batch8"], 3) for k, v in tps.items()},
         "same_greedy_text_as_sequential": same_text, "endpoint_requests": sum(
             r["requests"] for k, r in results.items() if k.startswith("endpoint")),

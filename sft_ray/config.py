@@ -291,6 +291,8 @@ class ServeConfig(_Strict):
                                                          "(models with a plain KV cache); false: one generate each")
     max_running: int = Field(32, gt=0, description="requests decoded together; more wait for a slot (with "
                                                    "continuous batching: the autoscaling target per replica)")
+    prefix_cache_tokens: int = Field(4096, ge=0, description="with continuous_batching: KV of recurring prompt "
+                                     "prefixes (a system prompt, shared instructions) kept for reuse, in tokens; 0: off")
     # long enough for a batch to fill on CPU, where a started batch slows the arrival of the rest
     batch_wait_s: float = Field(0.1, ge=0, description="with continuous_batching=false: how long a batch waits to "
                                                        "fill (max_batch_size)")

@@ -150,7 +150,9 @@ def test_vllm_gets_its_gpus_and_batch_from_serve_keys():
     from sft_ray.serve.deploy import vllm_engine_kwargs
 
     sc = load_config(None, ["serve.backend=vllm", "serve.gpus_per_replica=2", "serve.max_running=48"]).serve
-    assert vllm_engine_kwargs(sc) == {"trust_remote_code": False, "max_num_seqs": 48, "tensor_parallel_size": 2}
+    assert vllm_engine_kwargs(sc) == {"trust_remote_code": False, "max_num_seqs": 48, "tensor_parallel_size": 2,
+                                      "enable_prefix_caching": True}
+    assert not vllm_engine_kwargs(load_config(None, ["serve.prefix_cache_tokens=0"]).serve)["enable_prefix_caching"]
     assert vllm_engine_kwargs(load_config(None, ["serve.backend=vllm"]).serve, True)["tensor_parallel_size"] == 1
 
 

@@ -55,8 +55,31 @@ def test_models_and_health(server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(server.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # nothing else, no key
     assert httpx.get(f"{server}/stats").status_code == 401  # the counters are behind the key
+    assert httpx.get(server.removesuffix("/v1") + "/openapi.json").status_code == 404  # no schema outside the key
     stats = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert stats["continuous_batching"] is True and stats["running"] == 0, stats
+
+
+def test_a_shared_system_prompt_is_reused_and_answers_stay_generates(server, local_model):
+    """The second chat with the same system prompt shows that it recurs; the later ones start from its cached KV,
+    streamed or not, and each answer is still in-process ``generate``'s."""
+    tok, model = local_model
+    client = openai.OpenAI(base_url=server, api_key=KEY)
+    system = {"role": "system", "content": "You answer questions about the weather in one sentence, politely. " * 3}
+    before = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["prefix_cache"]
+    for q, stream in (("Is it raining?", False), ("Will it snow?", False), ("Is it raining?", False),
+                      ("Is it windy today?", True)):
+        messages = [system, {"role": "user", "content": q}]
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True) if c.choices)
+        else:
+            text = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                                  temperature=0).choices[0].message.content
+        assert text == _greedy(tok, model, _chat_ids(tok, messages), 10), q
+    after = httpx.get(f"{server}/stats", headers={"Authorization": f"Bearer {KEY}"}).json()["prefix_cache"]
+    assert after["prompts"] - before["prompts"] == 2 and after["tokens_reused"] - before["tokens_reused"] >= 2 * 40, \
+        (before, after)
 
 
 def test_chat_greedy_equals_in_process_generate(server, local_model):

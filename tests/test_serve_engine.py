@@ -263,3 +263,79 @@ def test_stop_strings_end_the_text_at_the_earliest_and_hold_back_only_their_begi
     assert s.find("a\n\nb END") == 1 and s.find("a END\n\n") == 2 and s.find("nothing") == -1
     assert s.may_begin("text E") and s.may_begin("text EN") and s.may_begin("x\n")
     assert not s.may_begin("text END") and not s.may_begin("text") and not StopStrings("").may_begin("")
+
+
+def test_a_recurring_prompt_prefix_is_computed_once_and_the_answers_stay_generates(tiny_model_dir):
+    """Prompts that share a system prompt: the first two are computed whole (the second shows the prefix recurs),
+    the rest start from its cached KV, alone or together, partly (a shorter shared part) or all but the last
+    token (the same prompt again); every greedy answer is still ``generate``'s, and a seeded draw is the same as
+    with the cache off."""
+    eng = Engine(str(tiny_model_dir), prefix_cache_tokens=4096)
+    system = "You are a careful assistant. Answer in one short sentence and never use a list. " * 3
+    reqs = [GenRequest(eng.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": q}]), 10,
+                       0.0, 1.0, (), None) for q in ("hi", "What is 2+2?", "Name a colour.", "Count to three.",
+                                                     "Say yes.", "Tell me about owls, please.")]
+    shared = min(len(reqs[0].input_ids), len(reqs[1].input_ids))
+    while reqs[0].input_ids[:shared] != reqs[1].input_ids[:shared]:
+        shared -= 1
+    cache = eng.batcher.prefixes
+    got = [eng.generate([reqs[0]])[0], eng.generate([reqs[1]])[0]]
+    assert (cache.hits, list(map(len, cache.entries))) == (0, [shared])
+    got += eng.generate(reqs[2:])  # four at once, all from the cached prefix
+    assert (cache.hits, cache.reused) == (4, 4 * shared)
+    for r, g in zip(reqs, got):
+        assert g.text == _alone_greedy(eng, r.input_ids, r.max_tokens)
+    again = eng.generate([reqs[0]])[0]  # the first prompt again: its own tokens are not cached, the shared part is
+    assert again.text == got[0].text and cache.hits == 5
+    half = GenRequest(reqs[0].input_ids[:shared - 5] + eng.chat_ids([{"role": "user", "content": "x"}]), 10, 0.0,
+                      1.0, (), None)  # a prompt that shares only part of the entry
+    assert eng.generate([half])[0].text == _alone_greedy(eng, half.input_ids, 10) and cache.reused == 5 * shared + shared - 5
+
+    seeded = GenRequest(reqs[3].input_ids, 10, 1.3, 1.0, (), 11)
+    off = Engine(str(tiny_model_dir), prefix_cache_tokens=0)
+    assert not off.batcher.prefixes
+    assert eng.generate([seeded])[0].text == off.generate([seeded])[0].text
+    assert off.batcher.prefixes.hits == 0
+
+
+def test_the_prefix_cache_keeps_its_token_budget():
+    from sft_ray.serve.prefix_cache import PrefixCache
+
+    def take(n):
+        return [(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))]
+
+    cache = PrefixCache(max_tokens=100, min_tokens=16)
+    for i in range(6):  # pairs of prompts sharing 40 tokens; each pair's part is new
+        head = [1000 + i] * 40
+        cache.learn(head + [1, 2, 3], 0, take)
+        cache.learn(head + [4, 5], 0, take)
+    assert cache.tokens == sum(map(len, cache.entries)) <= 100 and len(cache.entries) == 2
+    assert cache.match([1005] * 40 + [9]) == (40, tuple([1005] * 40))  # the newest are kept
+    assert cache.match([1000] * 40 + [9]) == (0, None)  # the oldest went first
+    assert cache.match([1005] * 10 + [9]) == (0, None)  # under min_tokens: computed whole
+    assert cache.match([1005] * 40) == (39, tuple([1005] * 40))  # the last token is always computed
+
+
+def test_a_prefix_pushed_out_while_its_requests_wait_is_still_used_for_them(tiny_model_dir):
+    """Room for one prefix: requests that arrive together with a new shared prefix store it and push out the old one
+    before the requests that matched the old one are prefilled; those still start from the old prefix's KV."""
+    from sft_ray.serve.prefix_cache import common_length
+
+    eng = Engine(str(tiny_model_dir))
+
+    def req(system, q):
+        return GenRequest(eng.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": q}]), 8,
+                          0.0, 1.0, (), None)
+
+    a, b = "Reply in French, briefly and kindly, to what follows. " * 2, "Answer like a pirate, loudly, in caps. " * 2
+    shared = [common_length(tuple(req(s, "one").input_ids), tuple(req(s, "two").input_ids)) for s in (a, b)]
+    eng.batcher.prefixes.max_tokens = max(shared) + 5  # room for one (the batcher is idle: set before any request)
+    eng.generate([req(a, "one")])
+    eng.generate([req(a, "two")])
+    old = list(eng.batcher.prefixes.entries)
+    new = [req(b, "three"), req(b, "four"), req(a, "five"), req(a, "a much longer question than the first ones, six")]
+    out = eng.generate(new)
+    assert list(eng.batcher.prefixes.entries) != old and len(eng.batcher.prefixes.entries) == 1  # a's went
+    assert eng.batcher.prefixes.hits == 2  # the two that matched a's prefix started from it
+    for r, o in zip(new, out):
+        assert o.text == _alone_greedy(eng, r.input_ids, r.max_tokens)

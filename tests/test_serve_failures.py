@@ -67,3 +67,7 @@ def test_a_failure_mid_stream_is_an_error_event_and_the_replica_keeps_serving(se
     # greedy decoding does not sample: the same replica answers
     ok = client.chat.completions.create(model="broken", messages=messages, max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+    # the three failed streams are counted as failed, not as clients that went away
+    stats = httpx.get(f"{server}/stats", timeout=10).json()
+    assert (stats["failed_streams"], stats["cancelled_streams"], stats["active_streams"]) == (3, 0, 0), stats

@@ -39,7 +39,7 @@ from sft_ray.serve.stops import StopStrings
 
 log = logging.getLogger("sft_ray.serve")
 
-app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None)
+app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None, openapi_url=None)  # no route outside the key but the page and /health
 STREAM_FAILED = "generating this answer failed on the server (the replica keeps serving; the reason is in its log)"
 
 
@@ -93,6 +93,7 @@ class ServeSettings:
     batch_wait_s: float = 0.1
     continuous_batching: bool = True
     max_running: int = 32
+    prefix_cache_tokens: int = 4096
     max_body_bytes: int = 1_000_000
     api_key_sha256: str | None = None
     trust_remote_code: bool = False
@@ -106,10 +107,12 @@ class OpenAIServer:
     def __init__(self, model_dir: str, settings: dict):
         self.s = ServeSettings(**settings)
         self.engine = Engine(model_dir, self.s.trust_remote_code, self.s.base_model,
-                             continuous=self.s.continuous_batching, max_running=self.s.max_running)
+                             continuous=self.s.continuous_batching, max_running=self.s.max_running,
+                             prefix_cache_tokens=self.s.prefix_cache_tokens)
         self.created = int(time.time())
         self.active_streams = 0
         self.cancelled_streams = 0  # streams ended early because the client went away
+        self.failed_streams = 0  # streams ended by a failure on the server (the error event was their last)
         self.batches = 0
         self.batched_requests = 0
         self._batched.set_max_batch_size(self.s.max_batch_size)
@@ -220,7 +223,7 @@ class OpenAIServer:
         self.active_streams += 1
         sent = ""
         finish = "length"
-        completed = False
+        completed = failed = False
         given = 0  # tokens whose log-probabilities have been sent
 
         def lps(n: int | None) -> list | None:
@@ -283,12 +286,14 @@ class OpenAIServer:
             completed = True
         except Exception:  # the 200 is sent: the failure is the stream's last event (the openai client raises it)
             log.exception("a stream failed")
+            failed = True
             yield f"data: {json.dumps(error_body(STREAM_FAILED, 'internal_error', type_='server_error'))}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # client gone (cancelled) or done: stop generating, free the slot
             cancelled.set()
             self.active_streams -= 1
-            self.cancelled_streams += 0 if completed else 1
+            self.cancelled_streams += 0 if completed or failed else 1
+            self.failed_streams += 1 if failed else 0
             await asyncio.to_thread(thread.join, 30)
 
     def _complete(self, kind: str, model: str, res: GenResult, offset: int = 0) -> ChatCompletion | Completion:
@@ -322,11 +327,14 @@ class OpenAIServer:
         self._check_auth(request)
         b = self.engine.batcher
         return {"active_streams": self.active_streams, "cancelled_streams": self.cancelled_streams,
+                "failed_streams": self.failed_streams,
                 "batches": self.batches, "batched_requests": self.batched_requests,
                 "continuous_batching": b is not None, "running": b.running if b else None,
                 "most_running": b.most_running if b else None,
                 "prefill_forwards": b.prefills if b else None, "prefilled_requests": b.prefilled if b else None,
-                "decoded_tokens": b.decoded if b else None}
+                "decoded_tokens": b.decoded if b else None,
+                "prefix_cache": {"prompts": b.prefixes.hits, "tokens_reused": b.prefixes.reused,
+                                 "entries": len(b.prefixes.entries), "tokens_held": b.prefixes.tokens} if b else None}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

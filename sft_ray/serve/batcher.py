@@ -2,8 +2,11 @@
 it when it ends, is cancelled, or its client goes.
 
 One thread owns the model. Each step it prefills the requests that arrived (one forward for those of similar
-length, left-padded; each row's first token chosen), merges their KV caches into the running batch's (left padding), and decodes one token for every running
-request with one forward. Tokens are chosen by ``engine._RowSampler`` rules: greedy rows take the argmax, sampling
+length, left-padded; each row's first token chosen), merges their KV caches into the running batch's (left
+padding), and decodes one token for every running request with one forward. A prompt that begins with a prefix
+kept in ``prefix_cache.PrefixCache`` (a recurring system prompt or instructions) starts from that prefix's KV and
+only its remaining tokens are computed: its row is [prefix, padding, rest], positions counted past the padding.
+Tokens are chosen by ``engine._RowSampler`` rules: greedy rows take the argmax, sampling
 rows draw from their own generator. Padding columns that no row needs any more are trimmed as requests leave.
 
 Only models whose cache is transformers' plain ``DynamicCache`` of full-attention layers are batched this way
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_ray.serve.engine import _RowSampler, logprobs_of
+from sft_ray.serve.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -61,7 +65,7 @@ class _Row:
 
 
 class ContinuousBatcher:
-    def __init__(self, model, eos_ids: set[int], max_batch: int = 32):
+    def __init__(self, model, eos_ids: set[int], max_batch: int = 32, prefix_tokens: int = 0):
         import torch
 
         self.torch, self.model, self.eos_ids, self.max_batch = torch, model, eos_ids, max_batch
@@ -77,6 +81,7 @@ class ContinuousBatcher:
         self.most_running = 0  # the most requests decoded together so far
         self.prefills = self.prefilled = 0  # prefill forwards, and the requests they held
         self.decoded = 0  # tokens generated, all requests together
+        self.prefixes = PrefixCache(prefix_tokens)  # read and written by the loop's thread only
         self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -129,8 +134,8 @@ class ContinuousBatcher:
                             self._end(_Row(h, None), None)
                         else:
                             live.append(h)
-                    for group in self._groups(live):
-                        new_cache, new_mask, new_rows = self._drop_finished(*self._prefill(group))
+                    for group, have, kv in self._plan(live):
+                        new_cache, new_mask, new_rows = self._drop_finished(*self._prefill(group, have, kv))
                         if new_rows:
                             cache, mask = self._merge(cache, mask, new_cache, new_mask)
                             rows += new_rows
@@ -146,14 +151,27 @@ class ContinuousBatcher:
                 rows, cache, mask = [], None, None
             self.running = len(rows)
 
+    def _plan(self, handles: list[Handle]) -> list[tuple[list[Handle], int, list | None]]:
+        """(group, cached prefix length, its KV): requests that start from the same cached prefix (or none),
+        grouped by the length of what is left to compute. The KV is taken now: a group's prefill may store a new
+        prefix and push out the one a later group starts from."""
+        if not self.prefixes:
+            return [(g, 0, None) for g in self._groups(handles)]
+        by_prefix: dict[tuple[int, tuple | None], list[Handle]] = {}
+        for h in handles:
+            by_prefix.setdefault(self.prefixes.match(h.req.input_ids), []).append(h)
+        return [(g, have, self.prefixes.kv(key, have) if key is not None else None)
+                for (have, key), hs in by_prefix.items() for g in self._groups(hs, skip=have)]
+
     @staticmethod
-    def _groups(handles: list[Handle], waste: float = 1.25) -> list[list[Handle]]:
-        """Requests that arrived together, prefilled together: sorted by prompt length and cut where left
-        padding would make a group's forward more than ``waste`` times its real tokens."""
+    def _groups(handles: list[Handle], waste: float = 1.25, skip: int = 0) -> list[list[Handle]]:
+        """Requests that arrived together, prefilled together: sorted by prompt length (less the ``skip`` tokens
+        that are cached) and cut where left padding would make a group's forward more than ``waste`` times its
+        real tokens."""
         groups: list[list[Handle]] = []
         real = 0
         for h in sorted(handles, key=lambda h: len(h.req.input_ids)):
-            n = len(h.req.input_ids)
+            n = len(h.req.input_ids) - skip
             if groups and (len(groups[-1]) + 1) * n <= waste * (real + n):
                 groups[-1].append(h)
                 real += n
@@ -162,24 +180,41 @@ class ContinuousBatcher:
                 real = n
         return groups
 
-    def _prefill(self, group: list[Handle]):
+    def _prefill(self, group: list[Handle], have: int = 0, prefix_kv: list | None = None):
         """One forward over the prompts of ``group`` (left-padded, positions counted from each prompt's first
-        token, as ``generate`` does); each row's first token chosen from its last position's logits."""
+        token, as ``generate`` does); each row's first token chosen from its last position's logits. With
+        ``have`` tokens cached (``prefix_kv``), the cache starts as that prefix's KV (the same for every row) and
+        the forward computes the rest of each prompt: a row is [prefix, padding, rest]."""
         from transformers import DynamicCache
 
         torch = self.torch
-        width = max(len(h.req.input_ids) for h in group)
+        width = max(len(h.req.input_ids) for h in group) - have
         ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(group), have + width), dtype=torch.long, device=self.device)
+        mask[:, :have] = 1
         for i, h in enumerate(group):
-            n = len(h.req.input_ids)
-            ids[i, width - n:] = torch.tensor(h.req.input_ids, device=self.device)
-            mask[i, width - n:] = 1
-        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            n = len(h.req.input_ids) - have
+            ids[i, width - n:] = torch.tensor(h.req.input_ids[have:], device=self.device)
+            mask[i, have + width - n:] = 1
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, have:]
         cache = DynamicCache(config=self.model.config)
+        if have:
+            for layer, (k, v) in enumerate(prefix_kv):
+                cache.update(k.expand(len(group), -1, -1, -1).contiguous(),
+                             v.expand(len(group), -1, -1, -1).contiguous(), layer)
+            self.prefixes.used(len(group), have)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.last_only,
                          **{self.cache_kw: cache})
         self.prefills, self.prefilled = self.prefills + 1, self.prefilled + len(group)
+        if self.prefixes:
+            for i, h in enumerate(group):
+                cols = mask[i].nonzero().squeeze(1)  # the row's own tokens, in order
+
+                def take(n: int, i=i, cols=cols) -> list:
+                    return [(layer.keys[i:i + 1].index_select(2, cols[:n]), layer.values[i:i + 1].index_select(2, cols[:n]))
+                            for layer in cache.layers]
+
+                self.prefixes.learn(h.req.input_ids, have, take)
         rows = [_Row(h, _RowSampler([h.req], self.device, torch)) for h in group]
         for r, tok in zip(rows, self._choose(rows, out.logits[:, -1, :])):
             self._take(r, tok)

@@ -22,6 +22,7 @@ def build(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: s
         batch_wait_s=serve_cfg.batch_wait_s,
         continuous_batching=serve_cfg.continuous_batching,
         max_running=serve_cfg.max_running,
+        prefix_cache_tokens=serve_cfg.prefix_cache_tokens,
         max_body_bytes=serve_cfg.max_body_bytes,
         # only a hash of the key travels to the replicas (and so into Serve's config and logs)
         api_key_sha256=key_sha256(api_key),
@@ -119,9 +120,11 @@ def guard_options(serve_cfg, api_key: str | None) -> dict[str, Any]:
 
 
 def vllm_engine_kwargs(serve_cfg, trust_remote_code: bool = False) -> dict[str, Any]:
-    """vLLM's engine settings from ``serve.*``: its batch (max_running) and its GPUs per replica (tensor parallel)."""
+    """vLLM's engine settings from ``serve.*``: its batch (max_running), its GPUs per replica (tensor parallel),
+    and its own prefix caching off when ``prefix_cache_tokens=0`` (vLLM sizes that cache from its KV blocks)."""
     return {"trust_remote_code": trust_remote_code, "max_num_seqs": serve_cfg.max_running,
-            "tensor_parallel_size": max(1, int(serve_cfg.gpus_per_replica))}
+            "tensor_parallel_size": max(1, int(serve_cfg.gpus_per_replica)),
+            "enable_prefix_caching": serve_cfg.prefix_cache_tokens > 0}
 
 
 def build_vllm(model_dir: str, serve_cfg, trust_remote_code: bool = False, api_key: str | None = None):

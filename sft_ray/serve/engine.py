@@ -124,7 +124,7 @@ class Engine:
     """A transformers model answering batches of prompts; no Serve or HTTP in here."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool = False, base_model: str | None = None,
-                 continuous: bool = True, max_running: int = 32):
+                 continuous: bool = True, max_running: int = 32, prefix_cache_tokens: int = 4096):
         import torch
 
         from sft_ray.modeling import load_for_inference, stop_token_ids
@@ -145,7 +145,7 @@ class Engine:
             self._byte_decoder = None
         from sft_ray.serve.batcher import ContinuousBatcher
 
-        self.batcher = ContinuousBatcher(self.model, self.eos_ids, max_running) \
+        self.batcher = ContinuousBatcher(self.model, self.eos_ids, max_running, prefix_cache_tokens) \
             if continuous and ContinuousBatcher.supports(self.model) else None
 
     def _byte_level(self) -> bool:
