@@ -43,7 +43,10 @@ class PrefixCache:
         compute; (0, None) if none."""
         best, key = 0, None
         ids = tuple(ids)
+        head = ids[:self.min_tokens]
         for k in self.entries:
+            if k[:self.min_tokens] != head:  # most entries fail here, before the longer comparison
+                continue
             n = min(common_length(k, ids), len(ids) - 1)
             if n > best:
                 best, key = n, k
