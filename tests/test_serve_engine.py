@@ -339,3 +339,23 @@ def test_a_prefix_pushed_out_while_its_requests_wait_is_still_used_for_them(tiny
     assert eng.batcher.prefixes.hits == 2  # the two that matched a's prefix started from it
     for r, o in zip(new, out):
         assert o.text == _alone_greedy(eng, r.input_ids, r.max_tokens)
+
+
+def test_a_stream_that_fell_behind_catches_up_in_one_piece(engine):
+    """Tokens that arrived while the reader was busy come out as one piece (the same text); with log-probabilities
+    asked for, a piece per token."""
+    import asyncio
+
+    async def read(catch_up: bool, logprobs):
+        r = GenRequest(engine.chat_ids([{"role": "user", "content": "Count to three, please, slowly."}]), 12, 0.0,
+                       1.0, (), None, logprobs)
+        h = engine.batcher.submit(r, None, asyncio.get_running_loop())
+        await asyncio.to_thread(h.done.wait, 60)  # the reader is busy until the answer is complete
+        await asyncio.sleep(0.05)  # the last tokens' hand-over to this loop
+        pieces = [p async for p, _ in engine.apieces(h, catch_up)]
+        return pieces, engine._finish(r, h.result["ids"]).text, len(h.result["ids"])
+
+    pieces, text, n = asyncio.run(read(True, None))
+    assert "".join(pieces) == text and len(pieces) == 1 and n > 2, (pieces, n)
+    pieces, text, n = asyncio.run(read(False, 0))
+    assert "".join(pieces) == text and len(pieces) > 2, pieces

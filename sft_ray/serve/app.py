@@ -190,7 +190,7 @@ class OpenAIServer:
         """(async text pieces, something to join, the result dict) from the running batch or a generate thread."""
         if self.engine.batcher is not None:
             h = self.engine.batcher.submit(gen, cancelled, asyncio.get_running_loop())
-            return self.engine.apieces(h), h, h.result
+            return self.engine.apieces(h, catch_up=gen.logprobs is None), h, h.result
         streamer, thread, result = self.engine.stream(gen, cancelled)
 
         async def pieces():

@@ -53,6 +53,14 @@ class Handle:
     async def next_token(self) -> int | None:
         return await self._aq.get()
 
+    def arrived(self) -> list[int | None]:
+        """The tokens already delivered and not read yet, without waiting: a reader that fell behind the batcher
+        (a busy event loop) takes them in one go."""
+        out = []
+        while not self._aq.empty():
+            out.append(self._aq.get_nowait())
+        return out
+
     def join(self, timeout: float | None = None) -> None:
         self.done.wait(timeout)
 

@@ -297,16 +297,22 @@ class Engine:
             if tok is None:
                 return
 
-    async def apieces(self, h):
+    async def apieces(self, h, catch_up: bool = True):
         """(text, tokens so far) as the batcher's token ids arrive, for a request submitted with the event loop
-        (nothing blocks); the count says which of ``h.result["logprobs"]`` a piece's tokens are."""
+        (nothing blocks); the count says which of ``h.result["logprobs"]`` a piece's tokens are. With
+        ``catch_up``, tokens that arrived while the reader was busy come out as one piece: a loaded event loop
+        sends one stream message for them instead of falling further behind one message per token (vLLM's
+        streams merge the same way). Without it (log-probabilities, whose pieces mark where a stop string cuts
+        them), a piece per token."""
         detok = Detokenizer(self.decode)
         while True:
-            tok = await h.next_token()
-            piece = detok.add(tok)
+            toks = [await h.next_token()]
+            if catch_up and toks[-1] is not None:
+                toks += h.arrived()
+            piece = detok.add_many(toks)
             if piece:
                 yield piece, len(detok.ids)
-            if tok is None:
+            if toks[-1] is None:
                 return
 
 
@@ -318,10 +324,13 @@ class Detokenizer:
         self.decode, self.ids, self.sent = decode, [], ""  # decode: Engine.decode, as for whole answers
 
     def add(self, token: int | None) -> str:
-        if token is not None:
-            self.ids.append(token)
+        return self.add_many([token])
+
+    def add_many(self, tokens: list[int | None]) -> str:
+        """The new text of ``tokens`` (None: the end), decoded once for all of them."""
+        self.ids += [t for t in tokens if t is not None]
         text = self.decode(self.ids)
-        if (token is not None and text.endswith("\ufffd")) or not text.startswith(self.sent):
+        if (tokens[-1] is not None and text.endswith("\ufffd")) or not text.startswith(self.sent):
             return ""
         piece, self.sent = text[len(self.sent):], text
         return piece
