@@ -289,7 +289,8 @@ def test_a_recurring_prompt_prefix_is_computed_once_and_the_answers_stay_generat
     assert again.text == got[0].text and cache.hits == 5
     half = GenRequest(reqs[0].input_ids[:shared - 5] + eng.chat_ids([{"role": "user", "content": "x"}]), 10, 0.0,
                       1.0, (), None)  # a prompt that shares only part of the entry
-    assert eng.generate([half])[0].text == _alone_greedy(eng, half.input_ids, 10) and cache.reused == 5 * shared + shared - 5
+    assert eng.generate([half])[0].text == _alone_greedy(eng, half.input_ids, 10)
+    assert cache.reused == 5 * shared + shared - 5
 
     seeded = GenRequest(reqs[3].input_ids, 10, 1.3, 1.0, (), 11)
     off = Engine(str(tiny_model_dir), prefix_cache_tokens=0)

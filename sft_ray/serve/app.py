@@ -39,7 +39,8 @@ from sft_ray.serve.stops import StopStrings
 
 log = logging.getLogger("sft_ray.serve")
 
-app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None, openapi_url=None)  # no route outside the key but the page and /health
+# no schema or docs routes: outside the key there are only the playground page and /health
+app = FastAPI(title="sft-ray", docs_url=None, redoc_url=None, openapi_url=None)
 STREAM_FAILED = "generating this answer failed on the server (the replica keeps serving; the reason is in its log)"
 
 

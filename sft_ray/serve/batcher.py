@@ -216,10 +216,11 @@ class ContinuousBatcher:
         self.prefills, self.prefilled = self.prefills + 1, self.prefilled + len(group)
         if self.prefixes:
             for i, h in enumerate(group):
-                cols = mask[i].nonzero().squeeze(1)  # the row's own tokens, in order
 
-                def take(n: int, i=i, cols=cols) -> list:
-                    return [(layer.keys[i:i + 1].index_select(2, cols[:n]), layer.values[i:i + 1].index_select(2, cols[:n]))
+                def take(n: int, i=i) -> list:
+                    """Row i's KV for its first n tokens: its own columns, in order, padding left out."""
+                    cols = mask[i].nonzero().squeeze(1)[:n]
+                    return [(layer.keys[i:i + 1].index_select(2, cols), layer.values[i:i + 1].index_select(2, cols))
                             for layer in cache.layers]
 
                 self.prefixes.learn(h.req.input_ids, have, take)
