@@ -7,11 +7,11 @@ in one run.
 In-process baselines, greedy, 2 threads: ``generate`` one request at a time; ``generate`` on batches of 8 (what
 the hardware does when the prompts are known together: the static-batching figure); the engine's continuous
 batcher with 8 requests submitted together; transformers' own continuous batching (``generate_batch``, paged
-attention) on the same 8 (the batcher with its prefix cache, as served; the prompts share their system prompt
-and task instructions). Then the endpoint (12 setups of ``--requests`` each), and the endpoint at concurrency 8
-with ``serve.continuous_batching=false`` and with ``serve.prefix_cache_tokens=0``. Last line: JSON with ``ratio_c8_vs_inprocess_batched``,
-``ratio_c8_vs_inprocess_sequential`` (generated tokens/s, non-streaming), ``ratio_c8_stream_vs_nonstream``,
-every setup's ratio to the in-process batch of 8, and the error count (must be 0).
+attention) on the same 8; the batcher runs with its prefix cache, as served, and without it (the prompts share
+their system prompt and task instructions). Then the endpoint (12 setups of ``--requests`` each), and the endpoint
+at concurrency 8 with ``serve.continuous_batching=false`` and with ``serve.prefix_cache_tokens=0``. Last line: JSON
+with ``ratio_c8_vs_inprocess_batched``, ``ratio_c8_vs_inprocess_sequential`` (generated tokens/s, non-streaming),
+``ratio_c8_stream_vs_nonstream``, the prefix cache's on/off ratio and TTFT, every setup's ratio to the in-process batch of 8, and the error count (must be 0).
 """
 
 import argparse
@@ -136,7 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--requests", type=int, default=48, help="per endpoint setup (12 setups, plus 4 at c8)")
-    ap.add_argument("--baseline-requests", type=int, default=16, help="per in-process setup (4 setups)")
+    ap.add_argument("--baseline-requests", type=int, default=16, help="per in-process setup (5 setups)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPU threads for the replica and for the baselines")
     ap.add_argument("--port", type=int, default=8130)
