@@ -105,8 +105,15 @@ def _warm() -> int:
     import transformers.tokenization_utils_tokenizers  # noqa: F401  (unpickling the tokenizer needs it)
     import transformers.utils.chat_template_utils  # noqa: F401
 
+    import sft_ray.config  # noqa: F401
+    import sft_ray.sources  # noqa: F401
     import sft_ray.template  # noqa: F401
 
+    try:  # what unpickling Ray Data's map task imports (its issue detectors pull in the state API and pydantic)
+        import ray.data._internal.issue_detection.detectors  # noqa: F401
+        import ray.data._internal.planner.plan_udf_map_op  # noqa: F401
+    except ImportError:  # internal modules that a Ray upgrade may move: the first task imports what it needs
+        pass
     return os.getpid()
 
 
