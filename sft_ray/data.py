@@ -315,10 +315,24 @@ def trainable(ds, on_bad_rows: str, num_cpus: float = 0.5, with_ids: bool = Fals
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=num_cpus)
 
 
-def global_order(ds):
+SORT_IN_DRIVER_BYTES = 64 << 20  # tokenized data up to this size is put in its global order by the driver
+
+
+def global_order(ds, nbytes: int | None = None):
     """The rows sorted by their seeded ``order`` key: a global permutation that is the same on every attempt
     (so a resumed run skips exactly what it trained) and spreads every source, and every copy of a weighted
-    row, through the epoch in proportion to its share."""
+    row, through the epoch in proportion to its share.
+
+    ``nbytes``: the data's size where known. Up to ``SORT_IN_DRIVER_BYTES`` the driver sorts it, in the same
+    order (the keys are unique 63-bit hashes): Ray Data's distributed sort starts its shuffle tasks in fresh
+    worker processes, ~4.5 s on a new 2-core cluster, which is most of a small run's data preparation."""
+    if nbytes is not None and nbytes <= SORT_IN_DRIVER_BYTES:
+        import pyarrow as pa
+        import ray
+
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        if tables:
+            return ray.data.from_arrow(pa.concat_tables(tables).sort_by("order").drop_columns(["order"]))
     return ds.sort("order").drop_columns(["order"])
 
 

@@ -133,8 +133,9 @@ def prepare_data(cfg: Config, train_specs: list[str], eval_specs: list[str], fit
     if streaming:
         datasets["train"] = data.trainable(train_tok, cfg.data.on_bad_rows, cpus, with_ids=with_ids)
         return Prepared(datasets, "train", stats, rows, digest, mean)
+    nbytes = (tr.tokens * 16 + tr.rows * (64 if with_ids else 16)) if tr else None  # ids and labels as int64
     ordered = data.global_order(data.trainable(train_tok, cfg.data.on_bad_rows, cpus, with_ids=with_ids,
-                                               order_seed=cfg.seed)).materialize()
+                                               order_seed=cfg.seed), nbytes).materialize()
     per = ordered.count() // cfg.train.num_workers
     if per == 0:
         from sft_ray.plan import PlanError

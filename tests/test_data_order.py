@@ -52,3 +52,23 @@ def test_sources_are_mixed_through_the_epoch_by_weight(tmp_path, tiny_model_dir,
     # the same order on every attempt (a restarted driver or worker group resumes exactly)
     again, _ = _shards(tmp_path, tiny_model_dir, a, b, wa, wb)
     assert again == shards
+
+
+
+def test_small_data_sorted_in_the_driver_gets_the_order_of_ray_datas_sort(tmp_path, tiny_model_dir, monkeypatch):
+    """Data small enough is put in its global order by the driver (no shuffle tasks to start): the shards equal
+    those of Ray Data's distributed sort, weighted copies included."""
+    import ray.data
+
+    from sft_ray import data
+
+    sorts = []  # Ray Data's sort, still called through: which way each preparation went
+    real_sort = ray.data.Dataset.sort
+    monkeypatch.setattr(ray.data.Dataset, "sort", lambda ds, *a, **k: sorts.append(a) or real_sort(ds, *a, **k))
+    a, b = _source(tmp_path / "a.jsonl", "alpha", 300), _source(tmp_path / "b.jsonl", "beta", 200)
+    driver, _ = _shards(tmp_path, tiny_model_dir, a, b, 3, 1)
+    assert sorts == []  # 1,100 short rows: well under data.SORT_IN_DRIVER_BYTES
+    monkeypatch.setattr(data, "SORT_IN_DRIVER_BYTES", 0)
+    distributed, _ = _shards(tmp_path, tiny_model_dir, a, b, 3, 1)
+    assert sorts == [("order",)]
+    assert driver == distributed and sum(map(len, driver)) == 300 * 3 + 200
