@@ -103,8 +103,8 @@ def one_repeat(a) -> None:
 
 
 def _start_ray(cfg, warm: bool, wait: bool = False):
-    """Ray started and warmed as ``sft-ray train`` does, then the driver's tokenizer loaded (not cached from an
-    earlier repeat); ``wait``: also wait until the warmed workers are idle. Returns (tokenizer, digest)."""
+    """Ray started and warmed as ``sft-ray train`` does, then the driver's tokenizer loaded (the process's first
+    load imports transformers); ``wait``: also wait until the warmed workers are idle. Returns the tokenizer."""
     import ray
 
     from sft_ray import data
@@ -112,11 +112,10 @@ def _start_ray(cfg, warm: bool, wait: bool = False):
 
     init_ray(cfg)
     refs = data.warm_workers() if warm else []
-    data._DRIVER_TOKENIZERS.clear()
-    out = data._tokenizer_and_digest(cfg.model)
+    tok = data._tokenizer(cfg.model)
     if wait:
         ray.get(refs)
-    return out
+    return tok
 
 
 def _tokens(col) -> int:
@@ -172,7 +171,7 @@ def plain_tasks(files, cfg, k: int):
     to start when the clock starts); (seconds, rows, tokens)."""
     import ray
 
-    tok, _ = _start_ray(cfg, warm=True, wait=True)
+    tok = _start_ray(cfg, warm=True, wait=True)
     counts = []
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -205,13 +204,11 @@ def datasets_map(files, cfg, num_proc: int, cache: Path):
     import datasets
 
     from sft_ray import data
-
-    datasets.disable_progress_bars()
     from sft_ray.formats import to_example
     from sft_ray.template import tokenize_examples
 
-    data._DRIVER_TOKENIZERS.clear()
-    tok = data._tokenizer(cfg.model)
+    datasets.disable_progress_bars()
+    tok = data._tokenizer(cfg.model)  # the driver's, loaded before the clocks of the other two sides
 
     def fn(batch, tok=tok, max_length=cfg.data.max_length):
         ts = tokenize_examples([to_example({"messages": m}) for m in batch["messages"]], tok, max_length)

@@ -54,7 +54,6 @@ def test_sources_are_mixed_through_the_epoch_by_weight(tmp_path, tiny_model_dir,
     assert again == shards
 
 
-
 def test_small_data_sorted_in_the_driver_gets_the_order_of_ray_datas_sort(tmp_path, tiny_model_dir, monkeypatch):
     """Data small enough is put in its global order by the driver (no shuffle tasks to start): the shards equal
     those of Ray Data's distributed sort, weighted copies included."""
